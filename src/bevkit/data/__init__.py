@@ -1,0 +1,1 @@
+"""Data: nuScenes-format reading, the synthetic world, targets and augmentation."""

@@ -1,0 +1,1 @@
+"""Headless visualisation: previews, BEV maps, predictions against ground truth."""
