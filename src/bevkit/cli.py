@@ -69,6 +69,33 @@ def preview(
     typer.echo(str(path))
 
 
+@app.command("check-data")
+def check_data(
+    root: Path = typer.Argument(..., help="Dataset root (holds <version>/, samples/, sweeps/, maps/)."),
+    version: str = typer.Option(None, help="Version folder (default: the only one under ROOT)."),
+    skip_files: bool = typer.Option(False, "--skip-files", help="Check the tables only, not the files."),
+    max_problems: int = typer.Option(50, help="Print at most this many problems (all are counted)."),
+):
+    """Validate a nuScenes-format dataset; exits non-zero when anything is wrong."""
+    from bevkit.data.check import check_dataset
+
+    rep = check_dataset(root, version, check_files=not skip_files, progress=True)
+    s = rep.summary
+    if s:
+        typer.echo(f"{rep.root} ({s['version']}): {s['scenes']} scenes, {s['samples']} samples, "
+                   f"{s['sample_data']} sample_data, {s['annotations']} annotations, {s['instances']} instances; "
+                   f"locations: {', '.join(s['locations'])}")
+        typer.echo("annotations per class: " + ", ".join(f"{k} {v}" for k, v in s["annotations_per_class"].items()))
+    for p in rep.problems[:max_problems]:
+        typer.echo(str(p), err=True)
+    if len(rep.problems) > max_problems:
+        typer.echo(f"... and {len(rep.problems) - max_problems} more", err=True)
+    n_err = len(rep.errors)
+    typer.echo(f"{n_err} error(s), {len(rep.problems) - n_err} warning(s)")
+    if n_err:
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's dataset and outputs."),
@@ -96,7 +123,7 @@ def main(argv=None) -> int:
     """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except CliError as e:
         print(f"bevkit: error: {e}", file=sys.stderr)
         return 2
@@ -120,7 +147,7 @@ def main(argv=None) -> int:
             print(f"bevkit: error: {e.format_message()}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -8,12 +8,25 @@ annotation ``size = [w, l, h]`` with a global ``[w, x, y, z]`` quaternion become
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from bevkit.geometry import inverse, make_transform, quat_to_matrix
+
+try:  # a faster JSON parser when present; the standard one otherwise
+    import orjson as _fastjson
+
+    def _loads(data: bytes):
+        return _fastjson.loads(data)
+except ImportError:  # pragma: no cover - exercised only without orjson
+    def _loads(data: bytes):
+        return json.loads(data)
 
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
           "scene", "sample", "sample_data", "sample_annotation", "map")
@@ -62,8 +75,8 @@ class NuScenesTables:
             if not path.is_file():
                 raise DataError(f"{path}: table {name!r} is missing")
             try:
-                rows = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                rows = _loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a list of records")
@@ -168,3 +181,218 @@ def box_corners(box) -> np.ndarray:
     bottom = np.stack([xs, ys, np.full(4, z - h / 2)], 1)
     top = np.stack([xs, ys, np.full(4, z + h / 2)], 1)
     return np.concatenate([bottom, top])
+
+
+# ------------------------------------------------------------------------------------- the index
+INDEX_SCHEMA = 1
+MAX_SWEEPS = 10
+CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
+
+
+def dataset_identity(root, version: str) -> str:
+    """A content hash of a version's tables: an index built from other tables is never used."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(version.encode())
+    for name in TABLES:
+        path = Path(root) / version / f"{name}.json"
+        h.update(name.encode())
+        if not path.is_file():
+            h.update(b"<missing>")
+            continue
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def official_splits() -> dict:
+    """The official nuScenes scene splits shipped with bevkit: train, val, test, mini_train, mini_val."""
+    data = json.loads(resources.files("bevkit.data").joinpath("nuscenes_splits.json").read_text())
+    return {k: v for k, v in data.items() if k != "about"}
+
+
+def split_scenes(root, version: str, split: str) -> list[str]:
+    """Scene names of a split: from ``<version>/splits.json`` when it names the split, else official."""
+    path = Path(root) / version / "splits.json"
+    if path.is_file():
+        custom = json.loads(path.read_text())
+        if split in custom:
+            return list(custom[split])
+    official = official_splits()
+    if split in official:
+        return list(official[split])
+    known = sorted(set(official) | (set(json.loads(path.read_text())) if path.is_file() else set()))
+    raise DataError(f"unknown split {split!r} for {Path(root) / version}; known: {', '.join(known)}")
+
+
+def _velocities(anns: list, index_of: dict, sample_time: np.ndarray, ann_sample: np.ndarray,
+                trans: np.ndarray, max_dt: float = 1.5) -> np.ndarray:
+    """Global velocities of all annotations at once, as the devkit's ``box_velocity`` defines them."""
+    n = len(anns)
+    prev = np.array([index_of.get(a["prev"], -1) if a["prev"] else -1 for a in anns], dtype=np.int64)
+    nxt = np.array([index_of.get(a["next"], -1) if a["next"] else -1 for a in anns], dtype=np.int64)
+    me = np.arange(n)
+    first = np.where(prev >= 0, prev, me)
+    last = np.where(nxt >= 0, nxt, me)
+    dt = (sample_time[ann_sample[last]] - sample_time[ann_sample[first]]) * 1e-6
+    limit = np.where((prev >= 0) & (nxt >= 0), 2 * max_dt, max_dt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vel = (trans[last] - trans[first]) / dt[:, None]
+    bad = ((prev < 0) & (nxt < 0)) | (dt > limit)
+    vel[bad] = np.nan
+    return vel
+
+
+def build_index(tables: NuScenesTables, max_sweeps: int = MAX_SWEEPS) -> dict:
+    """A JSON-ready index of every sample: files, calibration, poses, sweeps and ego-frame boxes.
+
+    Camera poses are expressed relative to the ego pose of the LiDAR keyframe (the camera's own
+    ego pose at its timestamp is composed in), so ``ego_from_cam`` is exact on real data where the
+    cameras fire up to tens of milliseconds apart.
+    """
+    t = tables
+    sd_index = t.index["sample_data"]
+    sample_list = t.samples
+    sample_pos = {s["token"]: i for i, s in enumerate(sample_list)}
+    sample_time = np.array([s["timestamp"] for s in sample_list], dtype=np.int64)
+    cs_cache: dict = {}
+
+    def ego_from_sensor(sd):
+        key = sd["calibrated_sensor_token"]
+        if key not in cs_cache:
+            cs_cache[key] = t.ego_from_sensor(sd)
+        return cs_cache[key]
+
+    scenes = {}
+    for sc in t.tables["scene"]:
+        log = t.get("log", sc["log_token"])
+        scenes[sc["token"]] = {"name": sc["name"], "location": log["location"], "samples": []}
+    entries = []
+    global_from_ego_key = np.zeros((len(sample_list), 4, 4))
+    for i, s in enumerate(sample_list):
+        lidar = t.keyframe(s, "LIDAR_TOP")
+        g_from_e = t.global_from_ego(lidar)
+        global_from_ego_key[i] = g_from_e
+        e_from_g = inverse(g_from_e)
+        cams = {}
+        for ch in CAMERAS:
+            key = (s["token"], ch)
+            if key not in t._sample_data:
+                continue
+            sd = t._sample_data[key]
+            ego_from_cam = e_from_g @ t.global_from_ego(sd) @ ego_from_sensor(sd)
+            cams[ch] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "width": sd["width"],
+                        "height": sd["height"], "intrinsics": t.intrinsics(sd).tolist(),
+                        "ego_from_cam": ego_from_cam.tolist()}
+        sweeps = []
+        sd = lidar
+        while len(sweeps) < max_sweeps and sd["prev"]:
+            sd = sd_index.get(sd["prev"])
+            if sd is None:
+                break
+            ego_from_sweep = e_from_g @ t.global_from_ego(sd) @ ego_from_sensor(sd)
+            sweeps.append({"filename": sd["filename"], "timestamp": sd["timestamp"],
+                           "ego_from_sweep": ego_from_sweep.tolist()})
+        entries.append({
+            "token": s["token"], "scene_token": s["scene_token"], "timestamp": s["timestamp"],
+            "prev": s["prev"], "next": s["next"], "global_from_ego": g_from_e.tolist(),
+            "lidar": {"filename": lidar["filename"], "timestamp": lidar["timestamp"],
+                      "ego_from_lidar": (e_from_g @ t.global_from_ego(lidar) @ ego_from_sensor(lidar)).tolist()},
+            "cams": cams, "sweeps": sweeps, "anns": None,
+        })
+        scenes[s["scene_token"]]["samples"].append(s["token"])
+
+    # Annotations, all at once: global boxes -> ego of their sample's LiDAR keyframe.
+    anns = [a for a in t.tables["sample_annotation"] if a["sample_token"] in sample_pos]
+    n = len(anns)
+    ann_sample = np.array([sample_pos[a["sample_token"]] for a in anns], dtype=np.int64)
+    trans = np.array([a["translation"] for a in anns], dtype=np.float64).reshape(n, 3)
+    size = np.array([a["size"] for a in anns], dtype=np.float64).reshape(n, 3)
+    rot = quat_to_matrix(np.array([a["rotation"] for a in anns], dtype=np.float64).reshape(n, 4))
+    vel = _velocities(anns, {a["token"]: i for i, a in enumerate(anns)}, sample_time, ann_sample, trans)
+    e_from_g = inverse(global_from_ego_key)[ann_sample]
+    centre = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], trans) + e_from_g[:, :3, 3]
+    r_ego = e_from_g[:, :3, :3] @ rot
+    yaw = np.arctan2(r_ego[:, 1, 0], r_ego[:, 0, 0])
+    v_ego = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], np.nan_to_num(vel))
+    v_ego[np.isnan(vel[:, 0])] = np.nan
+    boxes = np.concatenate([centre, size[:, [1, 0, 2]], yaw[:, None], v_ego[:, :2]], axis=1)
+    cat_of_inst = {i["token"]: t.get("category", i["category_token"])["name"] for i in t.tables["instance"]}
+    attr_name = {a["token"]: a["name"] for a in t.tables["attribute"]}
+    per_sample: dict = {}
+    for k, a in enumerate(anns):
+        per_sample.setdefault(ann_sample[k], []).append(k)
+    for i, entry in enumerate(entries):
+        ks = per_sample.get(i, [])
+        entry["anns"] = {
+            "token": [anns[k]["token"] for k in ks],
+            "category": [cat_of_inst[anns[k]["instance_token"]] for k in ks],
+            "attribute": [attr_name[anns[k]["attribute_tokens"][0]] if anns[k]["attribute_tokens"] else ""
+                          for k in ks],
+            "instance": [anns[k]["instance_token"] for k in ks],
+            "num_lidar_pts": [int(anns[k]["num_lidar_pts"]) for k in ks],
+            "visibility": [anns[k]["visibility_token"] for k in ks],
+            # NaN velocities (no neighbouring annotation) are stored as null.
+            "boxes": [[None if not np.isfinite(v) else float(v) for v in boxes[k]] for k in ks],
+        }
+    return {"scenes": scenes, "samples": entries}
+
+
+@dataclass
+class NuScenesIndex:
+    """The index of one version of a dataset, built once and cached as JSON (never pickle).
+
+    A cached index is used only if its schema version and the dataset's identity (a hash of the
+    tables) match; otherwise it is rebuilt.
+    """
+
+    root: Path
+    version: str
+    identity: str
+    scenes: dict
+    samples: list
+
+    def __post_init__(self):
+        self._pos = {s["token"]: i for i, s in enumerate(self.samples)}
+
+    def sample(self, token: str) -> dict:
+        try:
+            return self.samples[self._pos[token]]
+        except KeyError:
+            raise DataError(f"{self.root / self.version}: no sample with token {token!r}") from None
+
+    def split(self, split: str) -> list[dict]:
+        """Samples of a split, in (scene, time) order."""
+        names = set(split_scenes(self.root, self.version, split))
+        return [s for s in self.samples if self.scenes[s["scene_token"]]["name"] in names]
+
+    def location(self, sample: dict) -> str:
+        return self.scenes[sample["scene_token"]]["location"]
+
+    @classmethod
+    def load(cls, root, version: str | None = None, cache_dir=None, rebuild: bool = False) -> "NuScenesIndex":
+        """Load the cached index of ``root/version`` or build (and cache) it.
+
+        The cache lives in ``cache_dir``, else ``$BEVKIT_CACHE``, else ``~/.cache/bevkit``.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such dataset folder")
+        version = version or find_version(root)
+        identity = dataset_identity(root, version)
+        cache = Path(cache_dir or os.environ.get("BEVKIT_CACHE") or Path.home() / ".cache" / "bevkit") / "index"
+        path = cache / f"{version}-{identity}.json"
+        if path.is_file() and not rebuild:
+            try:
+                data = _loads(path.read_bytes())
+                if data.get("schema") == INDEX_SCHEMA and data.get("identity") == identity:
+                    return cls(root, version, identity, data["scenes"], data["samples"])
+            except ValueError:
+                pass  # unreadable: rebuilt below
+        built = build_index(NuScenesTables(root, version))
+        payload = {"schema": INDEX_SCHEMA, "identity": identity, "version": version, **built}
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(_fastjson.dumps(payload) if "_fastjson" in globals() else json.dumps(payload).encode())
+        os.replace(tmp, path)
+        return cls(root, version, identity, built["scenes"], built["samples"])

@@ -8,9 +8,9 @@ from importlib import resources
 
 import numpy as np
 
+from bevkit.data.nuscenes import CAMERAS
 from bevkit.geometry import make_transform
 
-CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 LIDAR = "LIDAR_TOP"
 
 

@@ -1,0 +1,214 @@
+"""The reader: the versioned index, samples, augmentation, map targets and check-data."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bevkit.cli import main
+from bevkit.data.augment import BEVAugConfig, ImageAugConfig, image_aug_matrix, warp_image
+from bevkit.data.check import check_dataset
+from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
+from bevkit.data.maps import MAP_CLASSES
+from bevkit.data.nuscenes import NuScenesIndex, box_corners
+from bevkit.data.synth import render
+from bevkit.geometry import apply, inverse, project
+from bevkit.geometry.grid import BEVGrid
+
+
+@pytest.fixture(scope="module")
+def index(tiny_root, tmp_path_factory):
+    return NuScenesIndex.load(tiny_root, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_index_is_cached_and_rebuilt_when_stale(tiny_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    cache = tmp_path / "cache"
+    a = NuScenesIndex.load(data, cache_dir=cache)
+    files = list((cache / "index").glob("*.json"))
+    assert len(files) == 1 and not files[0].name.startswith(".")
+    stamp = files[0].stat().st_mtime_ns
+    b = NuScenesIndex.load(data, cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == stamp and b.identity == a.identity  # reused, not rebuilt
+    # A changed table is a different dataset: a new index, never the stale one.
+    rows = json.loads((data / "v1.0-mini" / "sample_annotation.json").read_text())
+    rows[0]["translation"][0] += 1.0
+    (data / "v1.0-mini" / "sample_annotation.json").write_text(json.dumps(rows))
+    c = NuScenesIndex.load(data, cache_dir=cache)
+    assert c.identity != a.identity
+    tok = rows[0]["sample_token"]
+    k = c.sample(tok)["anns"]["token"].index(rows[0]["token"])
+    k0 = a.sample(tok)["anns"]["token"].index(rows[0]["token"])
+    assert c.sample(tok)["anns"]["boxes"][k] != a.sample(tok)["anns"]["boxes"][k0]
+    # A foreign or corrupt file under the right name is rebuilt, not trusted.
+    path = cache / "index" / f"v1.0-mini-{c.identity}.json"
+    path.write_text(json.dumps({"schema": 999, "identity": c.identity, "scenes": {}, "samples": []}))
+    assert len(NuScenesIndex.load(data, cache_dir=cache).samples) == 12
+    path.write_text("{not json")
+    assert len(NuScenesIndex.load(data, cache_dir=cache).samples) == 12
+
+
+def test_splits(index):
+    assert [index.scenes[s["scene_token"]]["name"] for s in index.split("mini_val")] == ["scene-0103"] * 6
+    assert len(index.split("mini_train")) == 6
+
+
+def test_dataset_items_and_loader(tiny_root, index):
+    grid = BEVGrid(xmin=-30, xmax=30, ymin=-15, ymax=15, dx=0.5, dy=0.5)
+    cfg = DataConfig(image_size=(96, 256), sweeps=2, map_grid=grid, occupancy=True,
+                     img_aug=ImageAugConfig(final_size=(96, 256)), bev_aug=BEVAugConfig())
+    ds = NuScenesDataset(tiny_root, "mini_val", cfg, index=index)
+    item = ds[1]
+    assert item["images"].shape == (6, 3, 96, 256) and item["images"].dtype == torch.uint8
+    assert item["intrinsics"].shape == (6, 3, 3) and item["ego_from_cam"].shape == (6, 4, 4)
+    assert item["boxes"].shape[1] == 9 and len(item["labels"]) == len(item["boxes"]) == len(item["attributes"])
+    assert item["map"].shape == (len(MAP_CLASSES), 60, 120)
+    assert item["occupancy"].shape == (200, 200, 16)
+    dt = item["points"][:, 4]
+    assert dt.min() == 0 and 0.05 < dt.max() <= 0.25  # the keyframe and two sweeps at 10 Hz
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["images"].shape == (2, 6, 3, 96, 256) and len(batch["boxes"]) == 2
+    # Augmentation is a function of (seed, epoch, index): the same with or without workers.
+    torch.testing.assert_close(batch["bev_aug"][1], ds[1]["bev_aug"])
+
+
+def test_image_augmentation_is_exact(tiny_root, index):
+    """Box centres projected through the augmented camera land on the same pixels of the object."""
+    from PIL import Image
+
+    s = index.split("mini_val")[3]
+    rng = np.random.default_rng(0)
+    cfg = ImageAugConfig(final_size=(160, 400), rotate=(-10, 10), flip=True)
+    diffs, wrong = [], []
+    boxes = np.array([[np.nan if v is None else v for v in b] for b in s["anns"]["boxes"]])
+    for ch, cam in s["cams"].items():
+        img = torch.from_numpy(np.array(Image.open(tiny_root / cam["filename"]).convert("RGB"))).permute(2, 0, 1)
+        aug = image_aug_matrix(img.shape[-2:], cfg, rng)
+        out = warp_image(img, aug, cfg.final_size).float()
+        k = np.array(cam["intrinsics"])
+        cam_from_ego = inverse(np.array(cam["ego_from_cam"]))
+        for box, vis in zip(boxes, s["anns"]["visibility"]):
+            c = apply(cam_from_ego, box[:3])
+            if vis != "4" or c[2] < 2:
+                continue
+            uv, _ = project(k, c[None])
+            uva = (aug @ np.append(uv[0], 1.0))[:2]
+            if not (2 <= uva[0] < cfg.final_size[1] - 2 and 2 <= uva[1] < cfg.final_size[0] - 2):
+                continue
+            if not (0 <= uv[0, 0] < img.shape[2] and 0 <= uv[0, 1] < img.shape[1]):
+                continue
+            orig = img[:, int(round(uv[0, 1])), int(round(uv[0, 0]))].float()
+            got = out[:, int(round(uva[1])), int(round(uva[0]))]
+            diffs.append((orig - got).abs().mean().item())
+            # A matrix off by 30 pixels must not agree as well: the check can fail.
+            off = out[:, int(round(uva[1])), int(round(uva[0] + 30)) % cfg.final_size[1]]
+            wrong.append((orig - off).abs().mean().item())
+    assert len(diffs) >= 5
+    assert np.median(diffs) < 12 and np.median(wrong) > 2 * np.median(diffs)
+
+
+def test_bev_augmentation_keeps_points_in_their_boxes(tiny_root, index):
+    plain = NuScenesDataset(tiny_root, "mini_val", DataConfig(image_size=(64, 176)), index=index)[2]
+    auged = NuScenesDataset(tiny_root, "mini_val", DataConfig(image_size=(64, 176), bev_aug=BEVAugConfig(
+        rotate=(-40, 40), scale=(0.9, 1.1))), index=index, seed=3)[2]
+    assert not torch.allclose(auged["bev_aug"], torch.eye(4))
+    checked = 0
+    for b0, b1 in zip(plain["boxes"].double().numpy(), auged["boxes"].double().numpy()):
+        n0 = render.points_in_box(plain["points"][:, :3].double().numpy(), b0[:3], b0[6], b0[3:6])
+        n1 = render.points_in_box(auged["points"][:, :3].double().numpy(), b1[:3], b1[6], b1[3:6])
+        assert (n0 == n1).all()
+        checked += int(n0.sum() > 0)
+    assert checked >= 10
+
+
+def test_divider_cells_fall_on_painted_markings(tiny_root, index):
+    from PIL import Image
+
+    grid = BEVGrid(xmin=4, xmax=30, ymin=-13, ymax=13, dx=0.1, dy=0.1)
+    ds = NuScenesDataset(tiny_root, "mini_val", DataConfig(image_size=(64, 176), map_grid=grid, load_points=False,
+                                                           map_line_width=0.1), index=index)
+    on, off = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        s = ds.samples[i]
+        cam = s["cams"]["CAM_FRONT"]
+        img = np.asarray(Image.open(tiny_root / cam["filename"]).convert("RGB")).astype(float)
+        xs, ys = grid.centres()
+        xx, yy = np.meshgrid(xs, ys)
+        pts = np.stack([xx, yy, np.zeros_like(xx)], -1)
+        uv, z = project(np.array(cam["intrinsics"]), apply(inverse(np.array(cam["ego_from_cam"])), pts))
+        inside = (z > 1) & (uv[..., 0] >= 0) & (uv[..., 0] < img.shape[1] - 1) & (uv[..., 1] >= 0) & (
+            uv[..., 1] < img.shape[0] - 1)
+        div = item["map"][0].numpy().astype(bool)
+        lines = div | item["map"][1].numpy().astype(bool) | item["map"][2].numpy().astype(bool)
+        # Bare road: drivable cells at least 1 m from any line.
+        near = torch.nn.functional.max_pool2d(torch.from_numpy(lines.astype(np.float32))[None], 21, 1, 10)[0]
+        road = item["map"][3].numpy().astype(bool) & (near.numpy() == 0) & inside
+        # Brightest pixel around each cell: a double line's centre lies between its two strokes.
+        bright = torch.nn.functional.max_pool2d(torch.from_numpy(img.max(axis=2))[None], 3, 1, 1)[0].numpy()
+        for mask, acc in ((div & inside, on), (road, off)):
+            px = np.round(uv[mask]).astype(int)
+            acc.extend(bright[px[:, 1], px[:, 0]])
+    # Painted lines (white or yellow) are bright, the bare road is not. Dashed lane lines are painted
+    # a third of their length and vehicles hide some lines, so compare how often each is bright.
+    on, off = np.array(on), np.array(off)
+    assert len(on) > 100
+    bright_on, bright_off = np.mean(on > 150), np.mean(off > 150)
+    assert bright_on > 0.3 and bright_on > 4 * bright_off, (bright_on, bright_off)
+
+
+def test_check_data_clean_and_broken(tiny_root, tmp_path, capsys):
+    rep = check_dataset(tiny_root)
+    assert rep.problems == [] and rep.summary["samples"] == 12
+    assert main(["check-data", str(tiny_root)]) == 0
+    capsys.readouterr()
+
+    def broken(name, damage):
+        root = tmp_path / name
+        shutil.copytree(tiny_root, root)
+        damage(root)
+        code = main(["check-data", str(root)])
+        out, err = capsys.readouterr()
+        assert code != 0 and "Traceback" not in err
+        return err
+
+    def drop_image(root):
+        sd = next(r for r in json.loads((root / "v1.0-mini" / "sample_data.json").read_text())
+                  if r["fileformat"] == "jpg")
+        os.remove(root / sd["filename"])
+        drop_image.name = sd["filename"]
+
+    err = broken("image", drop_image)
+    assert drop_image.name in err and "file is missing" in err
+
+    def truncate(root):
+        sd = next(r for r in json.loads((root / "v1.0-mini" / "sample_data.json").read_text())
+                  if r["filename"].endswith(".pcd.bin"))
+        path = root / sd["filename"]
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 7)
+        truncate.token = sd["token"]
+
+    err = broken("pcd", truncate)
+    assert truncate.token in err and "truncated" in err
+
+    def dangling(root):
+        p = root / "v1.0-mini" / "sample_annotation.json"
+        rows = json.loads(p.read_text())
+        rows[5]["sample_token"] = "0" * 32
+        dangling.token = rows[5]["token"]
+        p.write_text(json.dumps(rows))
+
+    err = broken("dangling", dangling)
+    assert dangling.token in err and "sample_token" in err and "does not exist" in err
+
+    def malformed(root):
+        (root / "v1.0-mini" / "scene.json").write_text('[{"token": "x", ')
+
+    err = broken("malformed", malformed)
+    assert "scene.json" in err and "not valid JSON" in err
