@@ -19,14 +19,12 @@ import numpy as np
 
 from bevkit.geometry import inverse, make_transform, quat_to_matrix
 
-try:  # a faster JSON parser when present; the standard one otherwise
-    import orjson as _fastjson
+import orjson
 
-    def _loads(data: bytes):
-        return _fastjson.loads(data)
-except ImportError:  # pragma: no cover - exercised only without orjson
-    def _loads(data: bytes):
-        return json.loads(data)
+
+def _loads(data: bytes):
+    """Parse JSON bytes (orjson: several times faster than the standard parser on large tables)."""
+    return orjson.loads(data)
 
 TABLES = ("category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose", "log",
           "scene", "sample", "sample_data", "sample_annotation", "map")
@@ -190,7 +188,8 @@ CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BA
 
 
 def dataset_identity(root, version: str) -> str:
-    """A content hash of a version's tables: an index built from other tables is never used."""
+    """A fingerprint of a version's tables (size, modification time, first and last 64 KiB of
+    each): an index built from other tables is never used."""
     h = hashlib.blake2b(digest_size=16)
     h.update(version.encode())
     for name in TABLES:
@@ -199,9 +198,13 @@ def dataset_identity(root, version: str) -> str:
         if not path.is_file():
             h.update(b"<missing>")
             continue
+        st = path.stat()
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
+            h.update(f.read(1 << 16))
+            if st.st_size > 1 << 16:
+                f.seek(max(st.st_size - (1 << 16), 1 << 16))
+                h.update(f.read())
     return h.hexdigest()
 
 
@@ -243,66 +246,86 @@ def _velocities(anns: list, index_of: dict, sample_time: np.ndarray, ann_sample:
     return vel
 
 
+def _pose_matrices(rows: list) -> np.ndarray:
+    """4x4 transforms of many records with ``rotation`` and ``translation`` at once.
+
+    Shapes:
+        returns: (R, 4, 4)
+    """
+    n = len(rows)
+    out = np.zeros((n, 4, 4))
+    if n:
+        out[:, :3, :3] = quat_to_matrix(np.array([r["rotation"] for r in rows], dtype=np.float64))
+        out[:, :3, 3] = np.array([r["translation"] for r in rows], dtype=np.float64)
+        out[:, 3, 3] = 1.0
+    return out
+
+
 def build_index(tables: NuScenesTables, max_sweeps: int = MAX_SWEEPS) -> dict:
     """A JSON-ready index of every sample: files, calibration, poses, sweeps and ego-frame boxes.
 
     Camera poses are expressed relative to the ego pose of the LiDAR keyframe (the camera's own
     ego pose at its timestamp is composed in), so ``ego_from_cam`` is exact on real data where the
-    cameras fire up to tens of milliseconds apart.
+    cameras fire up to tens of milliseconds apart. Everything is computed in batches.
     """
     t = tables
     sd_index = t.index["sample_data"]
-    sample_list = t.samples
-    sample_pos = {s["token"]: i for i, s in enumerate(sample_list)}
-    sample_time = np.array([s["timestamp"] for s in sample_list], dtype=np.int64)
-    cs_cache: dict = {}
+    samples = t.samples
+    pose_row = {r["token"]: i for i, r in enumerate(t.tables["ego_pose"])}
+    global_from_ego = _pose_matrices(t.tables["ego_pose"])
+    cs_row = {r["token"]: i for i, r in enumerate(t.tables["calibrated_sensor"])}
+    ego_from_sensor = _pose_matrices(t.tables["calibrated_sensor"])
 
-    def ego_from_sensor(sd):
-        key = sd["calibrated_sensor_token"]
-        if key not in cs_cache:
-            cs_cache[key] = t.ego_from_sensor(sd)
-        return cs_cache[key]
+    # Every sensor record a sample needs: (sample, sample_data, kind) with kind "lidar", a camera
+    # channel, or "sweep".
+    uses = []
+    for i, s in enumerate(samples):
+        lidar = t.keyframe(s, "LIDAR_TOP")
+        uses.append((i, lidar, "lidar"))
+        for ch in CAMERAS:
+            sd = t._sample_data.get((s["token"], ch))
+            if sd is not None:
+                uses.append((i, sd, ch))
+        sd = lidar
+        for _ in range(max_sweeps):
+            sd = sd_index.get(sd["prev"]) if sd["prev"] else None
+            if sd is None:
+                break
+            uses.append((i, sd, "sweep"))
+    key_rows = np.array([pose_row[sd["ego_pose_token"]] for _, sd, kind in uses if kind == "lidar"])
+    ego_from_global_key = inverse(global_from_ego[key_rows])  # (S, 4, 4)
+    u_sample = np.array([i for i, _, _ in uses])
+    u_pose = np.array([pose_row[sd["ego_pose_token"]] for _, sd, _ in uses])
+    u_cs = np.array([cs_row[sd["calibrated_sensor_token"]] for _, sd, _ in uses])
+    # keyframe ego <- global <- sensor's ego at its own time <- sensor
+    key_from_sensor = ego_from_global_key[u_sample] @ global_from_ego[u_pose] @ ego_from_sensor[u_cs]
+    key_from_sensor_list = key_from_sensor.tolist()
+    intrinsics = {r["token"]: r["camera_intrinsic"] for r in t.tables["calibrated_sensor"]}
 
     scenes = {}
     for sc in t.tables["scene"]:
         log = t.get("log", sc["log_token"])
         scenes[sc["token"]] = {"name": sc["name"], "location": log["location"], "samples": []}
-    entries = []
-    global_from_ego_key = np.zeros((len(sample_list), 4, 4))
-    for i, s in enumerate(sample_list):
-        lidar = t.keyframe(s, "LIDAR_TOP")
-        g_from_e = t.global_from_ego(lidar)
-        global_from_ego_key[i] = g_from_e
-        e_from_g = inverse(g_from_e)
-        cams = {}
-        for ch in CAMERAS:
-            key = (s["token"], ch)
-            if key not in t._sample_data:
-                continue
-            sd = t._sample_data[key]
-            ego_from_cam = e_from_g @ t.global_from_ego(sd) @ ego_from_sensor(sd)
-            cams[ch] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "width": sd["width"],
-                        "height": sd["height"], "intrinsics": t.intrinsics(sd).tolist(),
-                        "ego_from_cam": ego_from_cam.tolist()}
-        sweeps = []
-        sd = lidar
-        while len(sweeps) < max_sweeps and sd["prev"]:
-            sd = sd_index.get(sd["prev"])
-            if sd is None:
-                break
-            ego_from_sweep = e_from_g @ t.global_from_ego(sd) @ ego_from_sensor(sd)
-            sweeps.append({"filename": sd["filename"], "timestamp": sd["timestamp"],
-                           "ego_from_sweep": ego_from_sweep.tolist()})
-        entries.append({
-            "token": s["token"], "scene_token": s["scene_token"], "timestamp": s["timestamp"],
-            "prev": s["prev"], "next": s["next"], "global_from_ego": g_from_e.tolist(),
-            "lidar": {"filename": lidar["filename"], "timestamp": lidar["timestamp"],
-                      "ego_from_lidar": (e_from_g @ t.global_from_ego(lidar) @ ego_from_sensor(lidar)).tolist()},
-            "cams": cams, "sweeps": sweeps, "anns": None,
-        })
+    g_key = global_from_ego[key_rows].tolist()
+    entries = [{"token": s["token"], "scene_token": s["scene_token"], "timestamp": s["timestamp"], "prev": s["prev"],
+                "next": s["next"], "global_from_ego": g_key[i], "lidar": None, "cams": {}, "sweeps": [],
+                "anns": None} for i, s in enumerate(samples)]
+    for s in samples:
         scenes[s["scene_token"]]["samples"].append(s["token"])
+    for (i, sd, kind), m in zip(uses, key_from_sensor_list):
+        e = entries[i]
+        if kind == "lidar":
+            e["lidar"] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "ego_from_lidar": m}
+        elif kind == "sweep":
+            e["sweeps"].append({"filename": sd["filename"], "timestamp": sd["timestamp"], "ego_from_sweep": m})
+        else:
+            e["cams"][kind] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "width": sd["width"],
+                               "height": sd["height"], "intrinsics": intrinsics[sd["calibrated_sensor_token"]],
+                               "ego_from_cam": m}
 
     # Annotations, all at once: global boxes -> ego of their sample's LiDAR keyframe.
+    sample_pos = {s["token"]: i for i, s in enumerate(samples)}
+    sample_time = np.array([s["timestamp"] for s in samples], dtype=np.int64)
     anns = [a for a in t.tables["sample_annotation"] if a["sample_token"] in sample_pos]
     n = len(anns)
     ann_sample = np.array([sample_pos[a["sample_token"]] for a in anns], dtype=np.int64)
@@ -310,31 +333,31 @@ def build_index(tables: NuScenesTables, max_sweeps: int = MAX_SWEEPS) -> dict:
     size = np.array([a["size"] for a in anns], dtype=np.float64).reshape(n, 3)
     rot = quat_to_matrix(np.array([a["rotation"] for a in anns], dtype=np.float64).reshape(n, 4))
     vel = _velocities(anns, {a["token"]: i for i, a in enumerate(anns)}, sample_time, ann_sample, trans)
-    e_from_g = inverse(global_from_ego_key)[ann_sample]
+    e_from_g = ego_from_global_key[ann_sample]
     centre = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], trans) + e_from_g[:, :3, 3]
     r_ego = e_from_g[:, :3, :3] @ rot
     yaw = np.arctan2(r_ego[:, 1, 0], r_ego[:, 0, 0])
     v_ego = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], np.nan_to_num(vel))
     v_ego[np.isnan(vel[:, 0])] = np.nan
-    boxes = np.concatenate([centre, size[:, [1, 0, 2]], yaw[:, None], v_ego[:, :2]], axis=1)
+    # NaN velocities (no neighbouring annotation) are written as null.
+    boxes = np.concatenate([centre, size[:, [1, 0, 2]], yaw[:, None], v_ego[:, :2]], axis=1).tolist()
     cat_of_inst = {i["token"]: t.get("category", i["category_token"])["name"] for i in t.tables["instance"]}
     attr_name = {a["token"]: a["name"] for a in t.tables["attribute"]}
-    per_sample: dict = {}
+    for e in entries:
+        e["anns"] = {"token": [], "category": [], "attribute": [], "instance": [], "num_lidar_pts": [],
+                     "visibility": [], "boxes": []}
     for k, a in enumerate(anns):
-        per_sample.setdefault(ann_sample[k], []).append(k)
-    for i, entry in enumerate(entries):
-        ks = per_sample.get(i, [])
-        entry["anns"] = {
-            "token": [anns[k]["token"] for k in ks],
-            "category": [cat_of_inst[anns[k]["instance_token"]] for k in ks],
-            "attribute": [attr_name[anns[k]["attribute_tokens"][0]] if anns[k]["attribute_tokens"] else ""
-                          for k in ks],
-            "instance": [anns[k]["instance_token"] for k in ks],
-            "num_lidar_pts": [int(anns[k]["num_lidar_pts"]) for k in ks],
-            "visibility": [anns[k]["visibility_token"] for k in ks],
-            # NaN velocities (no neighbouring annotation) are stored as null.
-            "boxes": [[None if not np.isfinite(v) else float(v) for v in boxes[k]] for k in ks],
-        }
+        d = entries[ann_sample[k]]["anns"]
+        d["token"].append(a["token"])
+        d["category"].append(cat_of_inst[a["instance_token"]])
+        d["attribute"].append(attr_name[a["attribute_tokens"][0]] if a["attribute_tokens"] else "")
+        d["instance"].append(a["instance_token"])
+        d["num_lidar_pts"].append(int(a["num_lidar_pts"]))
+        d["visibility"].append(a["visibility_token"])
+        b = boxes[k]
+        if b[7] != b[7]:  # NaN: unknown velocity, stored as null
+            b[7] = b[8] = None
+        d["boxes"].append(b)
     return {"scenes": scenes, "samples": entries}
 
 
@@ -393,6 +416,6 @@ class NuScenesIndex:
         payload = {"schema": INDEX_SCHEMA, "identity": identity, "version": version, **built}
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(_fastjson.dumps(payload) if "_fastjson" in globals() else json.dumps(payload).encode())
+        tmp.write_bytes(orjson.dumps(payload))
         os.replace(tmp, path)
         return cls(root, version, identity, built["scenes"], built["samples"])
