@@ -97,6 +97,31 @@ def check_data(
 
 
 @app.command()
+def score(
+    results: Path = typer.Argument(..., help="Results JSON in the official nuScenes detection format."),
+    data: Path = typer.Option(..., "--data", help="Dataset root to score against."),
+    version: str = typer.Option(None, help="Version folder (default: the only one under --data)."),
+    split: str = typer.Option("val", help="Split whose samples the results cover (val, mini_val, ...)."),
+    out: Path = typer.Option(None, help="Folder for metrics_summary.json, metrics_details.json and PR curves."),
+):
+    """Score a detection results file from any tool with the nuScenes detection metrics (mAP, NDS)."""
+    from bevkit.data.nuscenes import DataError
+    from bevkit.eval import ResultsError
+    from bevkit.eval.score import format_summary
+    from bevkit.eval.score import score as run_score
+
+    if not results.is_file():
+        _fail(f"{results}: no such results file")
+    try:
+        summary = run_score(results, data, version, split, out)
+    except (ResultsError, DataError) as e:
+        _fail(str(e))
+    typer.echo(format_summary(summary))
+    if out is not None:
+        typer.echo(f"wrote {out / 'metrics_summary.json'}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's dataset and outputs."),
     preset: str = typer.Option("mini", help="Synthetic preset to build if the dataset is absent."),

@@ -13,7 +13,7 @@ from bevkit.data.augment import BEVAugConfig, ImageAugConfig, image_aug_matrix, 
 from bevkit.data.check import check_dataset
 from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
 from bevkit.data.maps import MAP_CLASSES
-from bevkit.data.nuscenes import NuScenesIndex, box_corners
+from bevkit.data.nuscenes import NuScenesIndex
 from bevkit.data.synth import render
 from bevkit.geometry import apply, inverse, project
 from bevkit.geometry.grid import BEVGrid

@@ -217,15 +217,23 @@ def official_splits() -> dict:
 def split_scenes(root, version: str, split: str) -> list[str]:
     """Scene names of a split: from ``<version>/splits.json`` when it names the split, else official."""
     path = Path(root) / version / "splits.json"
+    custom = {}
     if path.is_file():
-        custom = json.loads(path.read_text())
+        try:
+            custom = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(custom, dict):
+            raise DataError(f"{path}: expected {{split name: [scene names]}}")
         if split in custom:
+            if not isinstance(custom[split], list):
+                raise DataError(f"{path}: split {split!r} must be a list of scene names")
             return list(custom[split])
     official = official_splits()
     if split in official:
         return list(official[split])
-    known = sorted(set(official) | (set(json.loads(path.read_text())) if path.is_file() else set()))
-    raise DataError(f"unknown split {split!r} for {Path(root) / version}; known: {', '.join(known)}")
+    raise DataError(f"unknown split {split!r} for {Path(root) / version}; known: "
+                    f"{', '.join(sorted(set(official) | set(custom)))}")
 
 
 def _velocities(anns: list, index_of: dict, sample_time: np.ndarray, ann_sample: np.ndarray,

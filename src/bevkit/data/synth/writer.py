@@ -23,12 +23,12 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bevkit.data.nuscenes import official_splits
 from bevkit.data.synth import occupancy
 from bevkit.data.synth.agents import CATEGORIES, DT, make_scenario
 from bevkit.data.synth.city import build_city, stable_seed
@@ -76,12 +76,6 @@ def _mini_locations():
         "scene-0916": "singapore-queenstown", "scene-1077": "singapore-hollandvillage",
         "scene-1094": "singapore-hollandvillage", "scene-1100": "singapore-hollandvillage",
     }
-
-
-def official_splits() -> dict:
-    """The official nuScenes split scene lists shipped with bevkit (train, val, test, mini_*)."""
-    text = resources.files("bevkit.data").joinpath("nuscenes_splits.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if k != "about"}
 
 
 PRESETS = {
@@ -481,5 +475,4 @@ def _write_tables(root: Path, version: str, seed: int, jobs, results) -> None:
     (vdir / "splits.json").write_text(json.dumps(splits, indent=1))
 
 
-__all__ = ["generate", "generate_scene", "plan_scenes", "scene_jobs", "scene_world", "PRESETS", "SceneJob",
-           "official_splits"]
+__all__ = ["generate", "generate_scene", "plan_scenes", "scene_jobs", "scene_world", "PRESETS", "SceneJob"]
