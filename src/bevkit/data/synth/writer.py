@@ -120,10 +120,20 @@ def _init_worker(queue):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _visibility_geometry(rig):
+    """The voxel-to-sensor geometry of a rig (fixed on the car): computed once per process."""
+    key = ("visibility", rig.scale)
+    if key not in _CITY_CACHE.setdefault("_rig", {}):
+        _CITY_CACHE["_rig"][key] = occupancy.VisibilityGeometry(
+            rig.cameras, [c.ego_from_cam for c in rig.cameras], rig.lidar.elevations_deg, rig.lidar.ego_from_lidar)
+    return _CITY_CACHE["_rig"][key]
+
+
 def _city(location: str, seed: int):
     key = (location, seed)
     if key not in _CITY_CACHE:
-        _CITY_CACHE.clear()  # one city at a time per worker: they are large
+        for k in [k for k in _CITY_CACHE if k != "_rig"]:
+            del _CITY_CACHE[k]  # one city at a time per worker: they are large
         _CITY_CACHE[key] = build_city(location, seed)
     return _CITY_CACHE[key]
 
@@ -175,8 +185,7 @@ def generate_scene(job: SceneJob) -> dict:
     sun = np.array([np.cos(sun_az) * 0.6, np.sin(sun_az) * 0.6, rng.uniform(0.55, 0.9)])
     sun /= np.linalg.norm(sun)
     parts_cache: dict = {}
-    vis_geom = occupancy.VisibilityGeometry(rig.cameras, [c.ego_from_cam for c in rig.cameras],
-                                            rig.lidar.elevations_deg, rig.lidar.ego_from_lidar)
+    vis_geom = _visibility_geometry(rig)
 
     records = {k: [] for k in ("sample", "sample_data", "ego_pose", "sample_annotation", "instance",
                                "calibrated_sensor")}
