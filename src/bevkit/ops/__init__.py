@@ -19,6 +19,7 @@ from .nms import (
     nms_rotated,
     nms_rotated_reference,
     rotated_iou_bev,
+    rotated_iou_bev_aligned,
 )
 from .voxelize import (
     Voxels,
@@ -35,7 +36,7 @@ __all__ = [
     "bev_warp", "bev_warp_reference",
     "deform_attn", "deform_attn_exportable", "deform_attn_reference",
     "bev_corners", "circle_nms", "circle_nms_reference", "nms_rotated", "nms_rotated_reference",
-    "rotated_iou_bev",
+    "rotated_iou_bev", "rotated_iou_bev_aligned",
     "Voxels", "pillar_scatter", "pillar_scatter_reference", "voxelize", "voxelize_batch",
     "voxelize_reference",
 ]

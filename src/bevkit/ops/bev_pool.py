@@ -1,0 +1,330 @@
+"""Lift-splat BEV pooling: depth-weighted camera features summed into BEV cells."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BEVGridSpec",
+    "BEVPoolPlan",
+    "bev_cell_index",
+    "bev_pool_plan",
+    "bev_pool",
+    "bev_pool_reference",
+    "bev_pool_cumsum",
+    "bev_pool_exportable",
+]
+
+
+@dataclass(frozen=True)
+class BEVGridSpec:
+    """Bounds and resolution of a BEV grid in the ego frame (metres).
+
+    Each bound is ``(min, max, step)``. Cell ``(iy, ix)`` is centred at
+    ``(xmin + (ix + 0.5) * dx, ymin + (iy + 0.5) * dy)``; a point belongs to cell
+    ``ix = floor((x - xmin) / dx)`` when ``0 <= ix < X`` (the same for y and z).
+    The z range is collapsed: every point with ``zmin <= z < zmax`` is pooled
+    into its (iy, ix) column. BEV tensors are laid out ``(B, C, Y, X)`` with X
+    along ego forward and Y along ego left.
+    """
+
+    xbound: tuple[float, float, float] = (-51.2, 51.2, 0.8)
+    ybound: tuple[float, float, float] = (-51.2, 51.2, 0.8)
+    zbound: tuple[float, float, float] = (-5.0, 3.0, 8.0)
+
+    @staticmethod
+    def _cells(bound: tuple[float, float, float]) -> int:
+        lo, hi, step = bound
+        return int(round((hi - lo) / step))
+
+    @property
+    def nx(self) -> int:
+        return self._cells(self.xbound)
+
+    @property
+    def ny(self) -> int:
+        return self._cells(self.ybound)
+
+    @property
+    def nz(self) -> int:
+        return self._cells(self.zbound)
+
+
+@dataclass(frozen=True)
+class BEVPoolPlan:
+    """Reusable compressed-row layout of the frustum-to-BEV pooling matrix.
+
+    The pooling is ``bev[b, :, cell] = sum_{n,d,h,w in cell} depth[b,n,d,h,w] * feats[b,n,:,h,w]``,
+    i.e. ``out = A @ F`` with ``F`` the features as rows ``(B*N*H*W, C)`` (one row per
+    image pixel) and ``A`` a sparse ``(B*Y*X, B*N*H*W)`` matrix whose stored entries
+    are depth probabilities. Only the *structure* of ``A`` depends on geometry, so
+    it is built once per calibration (or once per augmentation step) and reused.
+
+    Frustum points are enumerated pixel-major, ``(b, n, h, w, d)`` with d fastest,
+    which makes ``A.T`` (rows = pixels, D entries each) a CSR matrix for free.
+
+    Fields (P = B*N*H*W*D frustum points, K = those inside the grid):
+        cell_t (P,): BEV row ``b*Y*X + iy*X + ix`` of each point (0 where outside).
+        inside_t (P,) bool: the point lies inside the grid.
+        order (K,): pixel-major positions of the inside points, stably sorted by cell.
+        col (K,): pixel (column of ``A``) of each sorted entry, ``order // D``.
+        crow (B*Y*X + 1,): row pointers of ``A``.
+        shape: ``(B, N, D, H, W)`` of the depth tensor the plan was built for.
+        grid_shape: ``(Y, X)``.
+    """
+
+    cell_t: Tensor
+    inside_t: Tensor
+    order: Tensor
+    col: Tensor
+    crow: Tensor
+    shape: tuple[int, int, int, int, int]
+    grid_shape: tuple[int, int]
+
+    @property
+    def num_entries(self) -> int:
+        """K, the number of stored entries (frustum points inside the grid)."""
+        return int(self.col.numel())
+
+
+def bev_cell_index(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
+    """Flat BEV cell index ``iy * X + ix`` of every frustum point, or -1 outside the grid.
+
+    Frames: ``points_ego`` are frustum points in the ego frame (x forward, y left, z up).
+
+    Shapes:
+        points_ego: (B, N, D, H, W, 3)   returns: (B, N, D, H, W) int64
+    """
+    ix, iy, valid = _cell_coords(points_ego, grid)
+    cell = iy.long() * grid.nx + ix.long()
+    return torch.where(valid, cell, torch.full_like(cell, -1))
+
+
+def _cell_coords(points_ego: Tensor, grid: BEVGridSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer-valued float (ix, iy) and the in-grid mask, element-wise over any leading shape."""
+    coords = []
+    valid = None
+    bounds = (grid.xbound, grid.ybound, grid.zbound)
+    for axis, ((lo, _, step), size) in enumerate(zip(bounds, (grid.nx, grid.ny, grid.nz))):
+        i = (points_ego[..., axis] - lo).div_(step).floor_()  # one allocation per axis
+        valid = i >= 0 if valid is None else valid.logical_and_(i >= 0)
+        valid.logical_and_(i < size)
+        coords.append(i)
+    return coords[0], coords[1], valid
+
+
+def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
+    """Build the compressed-row pooling layout from frustum points in the ego frame.
+
+    Cost: one element-wise pass over the points and one stable integer sort by
+    cell; reuse the plan while the geometry is unchanged.
+
+    Frames: ``points_ego`` are frustum points in the ego frame; rows of the plan are
+    BEV cells of ``grid`` (cell ``(iy, ix)``, X along ego forward).
+
+    Shapes:
+        points_ego: (B, N, D, H, W, 3)   returns: plan for depth (B, N, D, H, W)
+    """
+    if points_ego.dim() != 6 or points_ego.shape[-1] != 3:
+        raise ValueError(f"points_ego must be (B, N, D, H, W, 3), got {tuple(points_ego.shape)}")
+    b, n, d, h, w, _ = points_ego.shape
+    ny, nx = grid.ny, grid.nx
+    num_rows = b * ny * nx
+    if max(b * n * d * h * w, num_rows + 1) >= 2**31 - 1:
+        raise ValueError("bev_pool_plan: problem too large for int32 indices")
+    pix = points_ego.permute(0, 1, 3, 4, 2, 5)  # (B, N, H, W, D, 3), pixel-major view
+    ix, iy, inside = _cell_coords(pix, grid)  # (B, N, H, W, D)
+    if ix.dtype != torch.float64 and num_rows >= 2**24:  # keep the row arithmetic exact
+        ix, iy = ix.double(), iy.double()
+    batch_rows = torch.arange(b, device=points_ego.device, dtype=ix.dtype).view(b, 1, 1, 1, 1)
+    rows = iy.add_(batch_rows * ny).mul_(nx).add_(ix)  # in place: b*Y*X + iy*X + ix
+    del ix
+    # Outside points get the key num_rows, so a sort puts them after every real row.
+    key = rows.masked_fill_(~inside, num_rows).to(torch.int32).reshape(-1)
+    del rows
+    counts = torch.bincount(key, minlength=num_rows + 1)  # (B*Y*X + 1,)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int32, device=key.device)
+    torch.cumsum(counts[:num_rows], 0, out=crow[1:])
+    num_inside = int(crow[-1])
+    order = torch.sort(key, stable=True)[1][:num_inside].to(torch.int32)
+    return BEVPoolPlan(
+        cell_t=key.masked_fill(~inside.reshape(-1), 0),
+        inside_t=inside.reshape(-1),
+        order=order,
+        col=torch.div(order, d, rounding_mode="floor"),
+        crow=crow,
+        shape=(b, n, d, h, w),
+        grid_shape=(ny, nx),
+    )
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CSR support is in beta" / invariant-check notices
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+class _BEVPoolCSR(torch.autograd.Function):
+    """out = A @ F; backward dF = A.T @ dout and dA = (F @ dout.T) sampled on A.T's pattern."""
+
+    @staticmethod
+    def forward(ctx, depth_t, feat_rows, plan, num_rows):
+        # depth_t: (P,) pixel-major depth; feat_rows: (B*N*H*W, C)
+        values = depth_t[plan.order]  # (K,)
+        a = _csr(plan.crow, plan.col, values, (num_rows, feat_rows.shape[0]))
+        ctx.save_for_backward(depth_t, feat_rows)
+        ctx.plan = plan
+        ctx.num_rows = num_rows
+        return a @ feat_rows  # (B*Y*X, C)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        depth_t, feat_rows = ctx.saved_tensors
+        plan, num_rows = ctx.plan, ctx.num_rows
+        num_pix = feat_rows.shape[0]
+        d = plan.shape[2]
+        grad_out = grad_out.contiguous()
+        crow_t = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_t.device)
+        grad_depth = grad_feat = None
+        if ctx.needs_input_grad[1]:
+            a_t = _csr(crow_t, plan.cell_t, depth_t * plan.inside_t, (num_pix, num_rows))
+            grad_feat = a_t @ grad_out  # (B*N*H*W, C)
+        if ctx.needs_input_grad[0]:
+            pattern = _csr(crow_t, plan.cell_t, torch.zeros_like(depth_t), (num_pix, num_rows))
+            # Entry (pixel, cell) of F @ dout.T: the pixel's feature dotted with the cell's grad.
+            dots = torch.sparse.sampled_addmm(pattern, feat_rows, grad_out.t(), beta=0.0)
+            grad_depth = dots.values() * plan.inside_t
+        return grad_depth, grad_feat, None, None
+
+
+def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
+    """Fast lift-splat pooling as a compressed-row sparse-times-dense product.
+
+    Never materialises the (B, N, D, H, W, C) frustum: each stored entry of the
+    sparse pooling matrix is one depth probability, and the product streams
+    feature rows into BEV rows. Differentiable in ``depth`` and ``feats``.
+
+    Frames: features live on image pixels of each camera; the output is on the
+    BEV grid of the plan (cell ``(iy, ix)``, X along ego forward, Y along ego left).
+    The result is returned in channels-last memory (a permuted view of the product,
+    no copy); call ``.contiguous()`` if a consumer needs the default layout.
+
+    Shapes:
+        depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   returns: (B, C, Y, X)
+    """
+    b, n, d, h, w = _check(depth, feats, plan.shape)
+    c = feats.shape[2]
+    ny, nx = plan.grid_shape
+    feat_rows = feats.permute(0, 1, 3, 4, 2).reshape(b * n * h * w, c)  # (B*N*H*W, C)
+    depth_t = depth.permute(0, 1, 3, 4, 2).reshape(-1)  # (B*N*H*W*D,) pixel-major
+    out = _BEVPoolCSR.apply(depth_t, feat_rows, plan, b * ny * nx)  # (B*Y*X, C)
+    return out.view(b, ny, nx, c).permute(0, 3, 1, 2)  # channels-last memory, no copy
+
+
+def _check(depth: Tensor, feats: Tensor, shape: tuple[int, ...] | None = None):
+    if depth.dim() != 5 or feats.dim() != 5:
+        raise ValueError("depth must be (B, N, D, H, W) and feats (B, N, C, H, W)")
+    b, n, d, h, w = depth.shape
+    if feats.shape[:2] != (b, n) or feats.shape[3:] != (h, w):
+        raise ValueError(f"feats {tuple(feats.shape)} does not match depth {tuple(depth.shape)}")
+    if shape is not None and tuple(depth.shape) != tuple(shape):
+        raise ValueError(f"plan was built for depth {tuple(shape)}, got {tuple(depth.shape)}")
+    return b, n, d, h, w
+
+
+def bev_pool_reference(depth: Tensor, feats: Tensor, points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
+    """Reference: materialise the frustum, then ``index_add`` it into the BEV cells.
+
+    Frames: ``points_ego`` in the ego frame; output on ``grid``.
+
+    Shapes:
+        depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   points_ego: (B, N, D, H, W, 3)
+        returns: (B, C, Y, X)
+    """
+    b, n, d, h, w = _check(depth, feats)
+    c = feats.shape[2]
+    ny, nx = grid.ny, grid.nx
+    frustum = depth.unsqueeze(-1) * feats.permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B,N,D,H,W,C)
+    cell = bev_cell_index(points_ego, grid)  # (B, N, D, H, W)
+    batch = torch.arange(b, device=depth.device).view(b, 1, 1, 1, 1)
+    keep = cell >= 0
+    rows = (batch * (ny * nx) + cell)[keep]
+    out = frustum.new_zeros(b * ny * nx, c)
+    out.index_add_(0, rows, frustum[keep])
+    return out.view(b, ny, nx, c).permute(0, 3, 1, 2).contiguous()
+
+
+class _CumsumPool(torch.autograd.Function):
+    """The LSS "cumsum trick": sum runs of rank-sorted rows by differencing a prefix sum."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, ranks: Tensor):
+        rows = rows.cumsum(0)
+        last = torch.ones(rows.shape[0], device=rows.device, dtype=torch.bool)
+        last[:-1] = ranks[1:] != ranks[:-1]
+        rows, ranks = rows[last], ranks[last]
+        rows = torch.cat((rows[:1], rows[1:] - rows[:-1]))
+        ctx.save_for_backward(last.cumsum(0) - last.long())  # run of each row
+        return rows, ranks
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_ranks):
+        (back,) = ctx.saved_tensors
+        return grad_rows[back], None
+
+
+def bev_pool_cumsum(depth: Tensor, feats: Tensor, points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
+    """Baseline: the lift-splat-shoot cumsum trick (materialise, sort by cell, prefix-sum).
+
+    Kept as the benchmark baseline the issue names; numerically it subtracts
+    large prefix sums, so it is less accurate than the other paths.
+
+    Shapes:
+        depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   points_ego: (B, N, D, H, W, 3)
+        returns: (B, C, Y, X)
+    """
+    b, n, d, h, w = _check(depth, feats)
+    c = feats.shape[2]
+    ny, nx = grid.ny, grid.nx
+    frustum = depth.unsqueeze(-1) * feats.permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B,N,D,H,W,C)
+    cell = bev_cell_index(points_ego, grid)
+    batch = torch.arange(b, device=depth.device).view(b, 1, 1, 1, 1)
+    keep = cell >= 0
+    ranks = (batch * (ny * nx) + cell)[keep]
+    rows = frustum[keep]
+    order = ranks.argsort()
+    rows, ranks = rows[order], ranks[order]
+    out = frustum.new_zeros(b * ny * nx, c)
+    rows, ranks = _CumsumPool.apply(rows, ranks)
+    out[ranks] = rows
+    return out.view(b, ny, nx, c).permute(0, 3, 1, 2).contiguous()
+
+
+def bev_pool_exportable(depth: Tensor, feats: Tensor, cell_index: Tensor, grid: BEVGridSpec) -> Tensor:
+    """ONNX-exportable pooling: one scatter-add per depth bin, no frustum tensor.
+
+    ``cell_index`` comes from :func:`bev_cell_index` (-1 outside the grid) and is
+    a graph input, so a fixed calibration is precomputed once outside the graph.
+    Peak extra memory is one (B*N*H*W, C) slice per depth bin.
+
+    Shapes:
+        depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   cell_index: (B, N, D, H, W) int64
+        returns: (B, C, Y, X)
+    """
+    b, n, d, h, w = depth.shape
+    c = feats.shape[2]
+    ny, nx = grid.ny, grid.nx
+    cells = ny * nx
+    feat_rows = feats.permute(0, 1, 3, 4, 2).reshape(b, n * h * w, c)  # (B, N*H*W, C)
+    # Outside points go to a spare row per batch, dropped at the end.
+    index = torch.where(cell_index >= 0, cell_index, torch.full_like(cell_index, cells))
+    index = index.permute(0, 2, 1, 3, 4).reshape(b, d, n * h * w, 1).expand(b, d, n * h * w, c)
+    weights = depth.permute(0, 2, 1, 3, 4).reshape(b, d, n * h * w, 1)
+    out = feat_rows.new_zeros(b, cells + 1, c)
+    for k in range(d):
+        out.scatter_add_(1, index[:, k], weights[:, k] * feat_rows)
+    return out[:, :cells].reshape(b, ny, nx, c).permute(0, 3, 1, 2)
