@@ -1,0 +1,116 @@
+"""The composition: cameras and/or LiDAR -> one BEV grid -> BEV encoder -> heads.
+
+Tensors in, tensors out. A batch is the collated sample dict of ``bevkit.data.dataset``; the model
+reads only the keys its branches need:
+
+- camera branch: ``images`` (B, N, 3, H, W) uint8 (or float, already normalised), ``intrinsics``,
+  ``img_aug`` (B, N, 3, 3), ``ego_from_cam`` (B, N, 4, 4);
+- LiDAR branch (and the depth loss): ``points``, B tensors (P_b, 5) in ego;
+- temporal (BEVDet4D, or BEVFormer's temporal self-attention with T = 2): optional ``prev_bev``
+  (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4).
+  The caller keeps the returned ``bev`` of each frame and passes it back with the next one; the
+  model stores nothing between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bevkit.data.dataset import normalise
+from bevkit.models.bevformer import BEVFormerEncoder
+from bevkit.models.config import ModelConfig
+from bevkit.models.view_transforms import depth_loss, depth_targets
+
+
+class BEVModel(nn.Module):
+    """Backbone + neck + view transform (camera), pillars (LiDAR), fuser, temporal, BEV encoder, heads."""
+
+    def __init__(self, cfg: ModelConfig, backbone: nn.Module | None, neck: nn.Module | None,
+                 view_transform: nn.Module | None, lidar: nn.Module | None, fuser: nn.Module | None,
+                 temporal: nn.Module | None, bev_encoder: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.neck = neck
+        self.view_transform = view_transform
+        self.lidar = lidar
+        self.fuser = fuser
+        self.temporal = temporal
+        self.bev_encoder = bev_encoder
+        self.heads = nn.ModuleDict(heads)
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """Shapes:
+            images: (B, N, 3, H, W) uint8 or normalised float   returns: (B, N, C, H / s, W / s)
+        """
+        b, n = images.shape[:2]
+        x = normalise(images) if images.dtype == torch.uint8 else images
+        feats = self.neck(self.backbone(x.flatten(0, 1)))  # (B*N, C, H/s, W/s)
+        return feats.view(b, n, *feats.shape[1:])
+
+    def forward(self, batch: dict) -> dict:
+        """Run every branch and head.
+
+        Frames: the BEV maps and head outputs are on the ego-frame grid ``cfg.grid``.
+
+        Shapes:
+            returns: {"bev": (B, C_bev, Y, X) the fused BEV before temporal fusion (next frame's
+                      state), "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``, and one entry per head:
+                      "detection" (see ``CenterHead.forward``), "map" (B, K, Y', X'),
+                      "occupancy" (B, 18, Z, Y, X)}
+        """
+        out: dict = {}
+        bevs = []
+        if self.view_transform is not None:
+            feats = self.image_features(batch["images"])
+            geometry = (batch["intrinsics"], batch["img_aug"], batch["ego_from_cam"])
+            if isinstance(self.view_transform, BEVFormerEncoder):  # reads its own history
+                cam_bev, depth = self.view_transform(feats, *geometry, batch.get("prev_bev"),
+                                                     batch.get("curr_from_prev"))
+            else:
+                cam_bev, depth = self.view_transform(feats, *geometry)
+            bevs.append(cam_bev)
+            if depth is not None:
+                out["depth"] = depth
+        if self.lidar is not None:
+            bevs.append(self.lidar(batch["points"]))
+        bev = self.fuser(bevs) if self.fuser is not None else bevs[0]  # (B, C, Y, X)
+        out["bev"] = bev
+        if self.temporal is not None:
+            bev = self.temporal(bev, batch.get("prev_bev"), batch.get("curr_from_prev"))
+        x = self.bev_encoder(bev)
+        for name, head in self.heads.items():
+            out[name] = head(x)
+        return out
+
+    def loss(self, outputs: dict, targets: dict) -> dict[str, Tensor]:
+        """Every head's loss terms and, when configured, BEVDepth's depth loss; ``loss`` is their sum.
+
+        ``targets`` is the batch: ``boxes``/``labels``/``attributes`` (detection), ``map`` (map), ``occupancy`` and
+        ``mask_camera`` (occupancy), ``points`` and the camera matrices (depth).
+        """
+        terms: dict[str, Tensor] = {}
+        if "detection" in self.heads:
+            terms.update(self.heads["detection"].loss(outputs["detection"], targets["boxes"], targets["labels"],
+                                                      targets.get("attributes")))
+        if "map" in self.heads:
+            terms.update(self.heads["map"].loss(outputs["map"], targets["map"]))
+        if "occupancy" in self.heads:
+            terms.update(self.heads["occupancy"].loss(outputs["occupancy"], targets["occupancy"],
+                                                      targets.get("mask_camera")))
+        vt = self.cfg.view_transform
+        if vt is not None and vt.depth_loss_weight > 0 and "depth" in outputs:
+            depth = outputs["depth"]
+            labels = depth_targets(targets["points"], targets["intrinsics"], targets["img_aug"],
+                                   targets["ego_from_cam"], depth.shape[-2:], self.view_transform.stride,
+                                   self.view_transform.dbound)
+            terms["depth"] = vt.depth_loss_weight * depth_loss(depth, labels)
+        terms["loss"] = sum(terms.values())
+        return terms
+
+    @torch.no_grad()
+    def decode(self, outputs: dict) -> dict:
+        """Each head's predictions: "detection" per-sample {boxes (M, 9) ego, scores, labels, attributes},
+        "map" (B, K, Y, X) bool, "occupancy" (B, X, Y, Z) uint8 (Occ3D layout)."""
+        return {name: head.decode(outputs[name]) for name, head in self.heads.items()}

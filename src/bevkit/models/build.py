@@ -1,0 +1,99 @@
+"""Name -> constructor: one literal dict per kind of component, and ``build_model``.
+
+A variant is a string in the typed config (``ModelConfig``) looked up here; a YAML preset in
+``configs/`` holds only what differs from the defaults (``load_config``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from bevkit.models.backbones import TimmBackbone
+from bevkit.models.bev_encoders import ResNetBEV
+from bevkit.models.bev_model import BEVModel
+from bevkit.models.bevformer import BEVFormerEncoder
+from bevkit.models.config import ModelConfig
+from bevkit.models.fusion import ConvFuser
+from bevkit.models.heads import CenterHead, MapSegHead, OccupancyHead
+from bevkit.models.lidar import PointPillars
+from bevkit.models.necks import FPN, LSSFPN
+from bevkit.models.temporal import BEVDet4D
+from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, LiftSplat
+
+NECKS = {"fpn": FPN, "lss_fpn": LSSFPN}
+VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "bilinear": BilinearLift,
+                   "deform": BEVFormerEncoder}
+LIDAR_ENCODERS = {"pillars": PointPillars}
+FUSERS = {"conv": ConvFuser}
+TEMPORAL = {"bevdet4d": BEVDet4D}
+BEV_ENCODERS = {"resnet": ResNetBEV}
+HEADS = {"detection": CenterHead, "map": MapSegHead, "occupancy": OccupancyHead}
+
+
+def _lookup(table: dict, name: str, kind: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
+    """Build the model a config describes; with ``load_checkpoint``, the backbone's local
+    checkpoint (``cfg.backbone.checkpoint``) is loaded (``weights_only=True``)."""
+    grid = cfg.grid
+    backbone = neck = view_transform = lidar = fuser = temporal = None
+    bev_channels = []
+    if cfg.view_transform is not None:
+        vt = cfg.view_transform
+        backbone = TimmBackbone(cfg.backbone.name, cfg.backbone.out_indices)
+        if load_checkpoint and cfg.backbone.checkpoint:
+            backbone.load_checkpoint(cfg.backbone.checkpoint)
+        neck = _lookup(NECKS, cfg.neck.type, "neck")(backbone.channels, backbone.strides, cfg.neck.channels)
+        cls = _lookup(VIEW_TRANSFORMS, vt.type, "view transform")
+        if cls is LiftSplat:
+            view_transform = LiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride)
+        elif cls is CameraAwareLiftSplat:
+            view_transform = CameraAwareLiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride,
+                                                  vt.depth_net_channels)
+        elif cls is BEVFormerEncoder:
+            view_transform = BEVFormerEncoder(neck.channels, vt.channels, grid, neck.stride, vt.layers, vt.heads,
+                                              vt.num_z, vt.points_per_z, vt.tsa_points, vt.ffn)
+        else:
+            view_transform = cls(neck.channels, vt.channels, grid, vt.num_z, neck.stride)
+        bev_channels.append(vt.channels)
+    if cfg.lidar is not None:
+        ld = cfg.lidar
+        lidar = _lookup(LIDAR_ENCODERS, ld.type, "lidar encoder")(grid, ld.channels, ld.point_features,
+                                                                   ld.max_points, ld.max_voxels)
+        bev_channels.append(ld.channels)
+    if len(bev_channels) > 1:
+        fuser = _lookup(FUSERS, cfg.fuser.type, "fuser")(bev_channels, cfg.fuser.channels)
+        channels = cfg.fuser.channels
+    else:
+        channels = bev_channels[0]
+    if cfg.temporal is not None:
+        temporal = _lookup(TEMPORAL, cfg.temporal.type, "temporal fusion")(grid, channels, cfg.temporal.frames)
+        channels = temporal.out_channels
+    be = cfg.bev_encoder
+    bev_encoder = _lookup(BEV_ENCODERS, be.type, "BEV encoder")(channels, be.channels, be.blocks, be.out_channels)
+    heads = {}
+    if cfg.heads.detection is not None:
+        heads["detection"] = HEADS["detection"](be.out_channels, grid, cfg.heads.detection)
+    if cfg.heads.map is not None:
+        heads["map"] = HEADS["map"](be.out_channels, cfg.heads.map)
+    if cfg.heads.occupancy is not None:
+        heads["occupancy"] = HEADS["occupancy"](be.out_channels, cfg.heads.occupancy)
+    return BEVModel(cfg, backbone, neck, view_transform, lidar, fuser, temporal, bev_encoder, heads)
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a YAML preset as a validated ``ModelConfig`` (unknown keys are errors)."""
+    path = Path(path)
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    try:
+        return ModelConfig(**doc.get("model", {}))
+    except ValidationError as e:  # pydantic's message names the field
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,216 @@
+"""Typed, frozen model configuration (pydantic; unknown keys are rejected).
+
+Defaults are the full-size BEVDet-R50 setting; a YAML preset in ``configs/`` holds only what
+differs. Variant names (``view_transform``, ``neck.type``, ...) are looked up in the literal dicts
+of :mod:`bevkit.models.build`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from bevkit.data.maps import MAP_CLASSES
+from bevkit.data.nuscenes import DETECTION_CLASSES
+from bevkit.geometry.grid import BEVGrid
+from bevkit.ops import BEVGridSpec
+
+Bound = tuple[float, float, float]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GridConfig(Frozen):
+    """The BEV grid in the ego frame: ``(min, max, step)`` in metres per axis; z is collapsed."""
+
+    xbound: Bound = (-51.2, 51.2, 0.8)
+    ybound: Bound = (-51.2, 51.2, 0.8)
+    zbound: Bound = (-5.0, 3.0, 8.0)
+
+    @model_validator(mode="after")
+    def _whole_cells(self):
+        self.bev_grid()  # BEVGrid validates ranges and whole numbers of cells
+        return self
+
+    def bev_grid(self) -> BEVGrid:
+        (x0, x1, dx), (y0, y1, dy), (z0, z1, dz) = self.xbound, self.ybound, self.zbound
+        return BEVGrid(xmin=x0, xmax=x1, ymin=y0, ymax=y1, zmin=z0, zmax=z1, dx=dx, dy=dy, dz=dz)
+
+    def spec(self) -> BEVGridSpec:
+        """The same grid in the form ``bevkit.ops`` takes."""
+        return BEVGridSpec(tuple(self.xbound), tuple(self.ybound), tuple(self.zbound))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(Y, X)."""
+        return self.bev_grid().shape
+
+
+class BackboneConfig(Frozen):
+    """A timm backbone (``features_only``, never downloaded); ``checkpoint``: a local state dict."""
+
+    name: str = "resnet50"
+    out_indices: tuple[int, ...] = (3, 4)
+    checkpoint: str | None = None
+
+
+class NeckConfig(Frozen):
+    """Image neck: ``fpn`` (top-down FPN) or ``lss_fpn`` (BEVDet's concat-and-conv); one output map
+    at the stride of the first selected backbone level."""
+
+    type: str = "fpn"
+    channels: int = 256
+
+
+class ViewTransformConfig(Frozen):
+    """Camera-to-BEV. ``lss``: depth bins ``dbound`` (min, max, step) in metres along the optical
+    axis; ``depth_loss_weight`` > 0 adds BEVDepth's loss from LiDAR points. ``bilinear``: voxel
+    centres at ``num_z`` heights in ``zbound`` of the grid are sampled in every camera.
+    ``lss_camera_aware``: lift-splat with BEVDepth's camera-aware depth net of
+    ``depth_net_channels`` channels. ``deform``: BEVFormer's encoder, ``layers`` x (temporal self-attention with ``tsa_points``
+    samples per head and map, spatial cross-attention at ``num_z`` pillar heights with
+    ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads."""
+
+    type: str = "lss"
+    channels: int = 64
+    dbound: Bound = (1.0, 60.0, 1.0)
+    depth_loss_weight: float = 0.0
+    depth_net_channels: int = 256
+    num_z: int = 8
+    layers: int = 3
+    heads: int = 8
+    points_per_z: int = 2
+    tsa_points: int = 4
+    ffn: int = 512
+
+
+class LidarConfig(Frozen):
+    """PointPillars: pillars are the BEV grid's cells; ``point_features`` input channels per point
+    (x, y, z, intensity, dt)."""
+
+    type: str = "pillars"
+    channels: int = 64
+    point_features: int = 5
+    max_points: int = 20
+    max_voxels: int = 30000
+
+
+class FuserConfig(Frozen):
+    type: str = "conv"
+    channels: int = 80
+
+
+class TemporalConfig(Frozen):
+    """BEVDet4D: ``frames`` BEV maps (current + history) warped into the current frame and
+    concatenated."""
+
+    type: str = "bevdet4d"
+    frames: int = 2
+
+
+class BEVEncoderConfig(Frozen):
+    """ResNet-style BEV backbone (stride-2 stages) and an LSS-FPN neck back to the grid."""
+
+    type: str = "resnet"
+    channels: tuple[int, ...] = (128, 256, 512)
+    blocks: tuple[int, ...] = (2, 2, 2)
+    out_channels: int = 256
+
+
+# CenterPoint's six nuScenes class groups and circle-NMS radii (metres) per group.
+CENTERPOINT_TASKS = (("car",), ("truck", "construction_vehicle"), ("bus", "trailer"), ("barrier",),
+                     ("motorcycle", "bicycle"), ("pedestrian", "traffic_cone"))
+CENTERPOINT_NMS_RADII = (4.0, 12.0, 10.0, 1.0, 0.85, 0.175)
+# The nuScenes attribute vocabulary, and which attributes each detection class may take (by prefix).
+NUSCENES_ATTRIBUTES = ("vehicle.moving", "vehicle.parked", "vehicle.stopped", "cycle.with_rider",
+                       "cycle.without_rider", "pedestrian.moving", "pedestrian.standing",
+                       "pedestrian.sitting_lying_down")
+CLASS_ATTRIBUTE_PREFIX = {"car": "vehicle.", "truck": "vehicle.", "construction_vehicle": "vehicle.",
+                          "bus": "vehicle.", "trailer": "vehicle.", "motorcycle": "cycle.", "bicycle": "cycle.",
+                          "pedestrian": "pedestrian."}
+
+
+class DetectionHeadConfig(Frozen):
+    classes: tuple[str, ...] = DETECTION_CLASSES
+    tasks: tuple[tuple[str, ...], ...] = CENTERPOINT_TASKS
+    nms_radii: tuple[float, ...] = CENTERPOINT_NMS_RADII
+    channels: int = 64
+    min_radius: int = 2
+    min_overlap: float = 0.1
+    reg_weight: float = 0.25
+    code_weights: tuple[float, ...] = (1.0,) * 8 + (0.2, 0.2)
+    max_per_task: int = 500
+    max_boxes: int = 500
+    score_threshold: float = 0.1
+    attributes: tuple[str, ...] = NUSCENES_ATTRIBUTES
+    attr_weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _tasks_match(self):
+        flat = [c for t in self.tasks for c in t]
+        unknown = [c for c in flat if c not in self.classes]
+        if unknown or len(set(flat)) != len(flat):
+            raise ValueError(f"detection tasks {self.tasks} must partition classes without repeats")
+        if len(self.nms_radii) != len(self.tasks):
+            raise ValueError("detection: one nms radius per task")
+        if len(self.code_weights) != 10:
+            raise ValueError("detection: code_weights has 10 entries (dx dy z l w h sin cos vx vy)")
+        return self
+
+
+class MapHeadConfig(Frozen):
+    """HD-map segmentation on the BEV grid upsampled ``upsample`` times."""
+
+    classes: tuple[str, ...] = MAP_CLASSES
+    channels: int = 64
+    upsample: int = 1
+    dice_weight: float = 1.0
+    threshold: float = 0.5
+
+
+class OccupancyHeadConfig(Frozen):
+    """Occ3D occupancy by channel-to-height on the BEV grid (which must be the occupancy grid's
+    x, y extent; ``nz`` height slices)."""
+
+    num_classes: int = 18
+    nz: int = 16
+    channels: int = 64
+    free_class: int = 17
+
+
+class HeadsConfig(Frozen):
+    detection: DetectionHeadConfig | None = None
+    map: MapHeadConfig | None = None
+    occupancy: OccupancyHeadConfig | None = None
+
+
+class ModelConfig(Frozen):
+    """A whole model. ``view_transform`` None: no camera branch; ``lidar`` None: no LiDAR branch;
+    both: fused by ``fuser``."""
+
+    name: str = "bevdet-r50"
+    grid: GridConfig = GridConfig(xbound=(-51.2, 51.2, 0.8), ybound=(-51.2, 51.2, 0.8), zbound=(-10.0, 10.0, 20.0))
+    backbone: BackboneConfig = BackboneConfig()
+    neck: NeckConfig = NeckConfig()
+    view_transform: ViewTransformConfig | None = ViewTransformConfig()
+    lidar: LidarConfig | None = None
+    fuser: FuserConfig | None = None
+    temporal: TemporalConfig | None = None
+    bev_encoder: BEVEncoderConfig = BEVEncoderConfig()
+    heads: HeadsConfig = HeadsConfig(detection=DetectionHeadConfig())
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.view_transform is None and self.lidar is None:
+            raise ValueError("model: needs a camera branch (view_transform) or a lidar branch")
+        if self.view_transform is not None and self.lidar is not None and self.fuser is None:
+            raise ValueError("model: camera and lidar branches need a fuser")
+        if self.fuser is not None and (self.view_transform is None or self.lidar is None):
+            raise ValueError("model: a fuser needs both a camera and a lidar branch")
+        if self.view_transform is not None and self.view_transform.type == "deform" and self.temporal is not None:
+            raise ValueError("model: the deform (BEVFormer) view transform does its own temporal fusion; "
+                             "temporal must be null")
+        if not any(h is not None for h in (self.heads.detection, self.heads.map, self.heads.occupancy)):
+            raise ValueError("model: at least one head")
+        return self

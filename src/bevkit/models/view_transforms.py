@@ -1,0 +1,275 @@
+"""Camera features to the BEV grid: lift-splat (BEVDet / BEVDepth) and bilinear lifting (Simple-BEV).
+
+Each view transform owns its geometry and recomputes it from the batch's matrices every step
+(image and BEV augmentation change it). Pixels follow ``bevkit.geometry.camera``: pixel centres at
+integer coordinates, ``pixels = img_aug @ intrinsics @ xyz_cam / z``. A feature cell ``(i, j)`` of
+a stride-``s`` map covers pixels ``[j s, (j + 1) s)``, so its centre is at pixel
+``((j + 0.5) s - 0.5, (i + 0.5) s - 0.5)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bevkit.models.config import GridConfig
+from bevkit.ops import bev_pool, bev_pool_plan
+
+
+def rigid_inverse(m: Tensor) -> Tensor:
+    """Inverse of rigid 4x4 transforms in closed form (``src_from_dst`` from ``dst_from_src``).
+
+    Shapes:
+        m: (..., 4, 4)   returns: (..., 4, 4)
+    """
+    rot_t = m[..., :3, :3].transpose(-1, -2)
+    out = torch.zeros_like(m)
+    out[..., :3, :3] = rot_t
+    out[..., :3, 3] = -(rot_t @ m[..., :3, 3:4]).squeeze(-1)
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def feature_pixel_centres(h: int, w: int, stride: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates (u along W, v along H) of the centres of a stride-``stride`` feature map.
+
+    Shapes:
+        returns: u (W,), v (H,)
+    """
+    u = (torch.arange(w, dtype=like.dtype, device=like.device) + 0.5) * stride - 0.5
+    v = (torch.arange(h, dtype=like.dtype, device=like.device) + 0.5) * stride - 0.5
+    return u, v
+
+
+def depth_bin_centres(dbound: tuple[float, float, float], like: Tensor) -> Tensor:
+    """Depth (z in the camera frame) at the centre of each bin ``[dmin + i step, dmin + (i + 1) step)``.
+
+    Shapes:
+        returns: (D,)
+    """
+    dmin, dmax, step = dbound
+    d = int(round((dmax - dmin) / step))
+    return dmin + (torch.arange(d, dtype=like.dtype, device=like.device) + 0.5) * step
+
+
+def frustum_points_ego(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor, depths: Tensor,
+                       h: int, w: int, stride: int) -> Tensor:
+    """Ego-frame points of the frustum: every feature-cell centre at every bin depth.
+
+    ``xyz_cam = inv(img_aug @ intrinsics) @ (u z, v z, z)`` (``img_aug`` is affine, so this is the
+    exact inverse of the projection), then ``xyz_ego = ego_from_cam @ xyz_cam``.
+
+    Shapes:
+        intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)   depths: (D,)
+        returns: (B, N, D, H, W, 3) in ego
+    """
+    u, v = feature_pixel_centres(h, w, stride, depths)
+    d = depths.numel()
+    pix = torch.stack([u.view(1, 1, w).expand(d, h, w), v.view(1, h, 1).expand(d, h, w),
+                       torch.ones(d, h, w, dtype=depths.dtype, device=depths.device)], dim=-1)
+    pix = pix * depths.view(d, 1, 1, 1)  # (D, H, W, 3): (u z, v z, z)
+    cam_from_img = torch.linalg.inv(img_aug @ intrinsics)  # (B, N, 3, 3)
+    ego_from_img = ego_from_cam[..., :3, :3] @ cam_from_img  # (B, N, 3, 3)
+    xyz = torch.einsum("bnij,dhwj->bndhwi", ego_from_img, pix)  # (B, N, D, H, W, 3)
+    return xyz + ego_from_cam[..., None, None, None, :3, 3]
+
+
+class LiftSplat(nn.Module):
+    """BEVDet's view transform: a per-pixel depth distribution over D bins lifts each feature
+    into a frustum, pooled into BEV cells with ``bevkit.ops.bev_pool``.
+
+    The pooling plan is rebuilt from the batch's geometry every call.
+    """
+
+    def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
+                 stride: int):
+        super().__init__()
+        self.grid = grid
+        self.dbound = tuple(dbound)
+        self.num_bins = int(round((dbound[1] - dbound[0]) / dbound[2]))
+        self.channels = channels
+        self.stride = stride
+        self.depthnet = nn.Conv2d(in_channels, self.num_bins + channels, 1)
+
+    def forward(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
+                ego_from_cam: Tensor) -> tuple[Tensor, Tensor]:
+        """Lift per-camera features onto the BEV grid.
+
+        Frames: ``feats`` on augmented image pixels; the result on the ego-frame grid.
+
+        Shapes:
+            feats: (B, N, C_in, H, W)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
+            returns: bev (B, C, Y, X), depth probabilities (B, N, D, H, W)
+        """
+        b, n, _, h, w = feats.shape
+        logits, ctx = self.depth_and_context(feats, intrinsics, img_aug, ego_from_cam)
+        depth = logits.softmax(dim=1).view(b, n, self.num_bins, h, w)
+        ctx = ctx.reshape(b, n, self.channels, h, w)
+        with torch.no_grad():
+            depths = depth_bin_centres(self.dbound, intrinsics)
+            points = frustum_points_ego(intrinsics, img_aug, ego_from_cam, depths, h, w, self.stride)
+            plan = bev_pool_plan(points.float(), self.grid.spec())
+        # The sparse CSR product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, Y, X)
+        return bev, depth
+
+    def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
+                          ego_from_cam: Tensor) -> tuple[Tensor, Tensor]:
+        """BEVDet's depth net: one 1x1 conv (the camera matrices are not used).
+
+        Shapes:
+            feats: (B, N, C_in, H, W)   returns: depth logits (B*N, D, H, W), context (B*N, C, H, W)
+        """
+        x = self.depthnet(feats.flatten(0, 1))  # (B*N, D + C, H, W)
+        return x[:, : self.num_bins], x[:, self.num_bins:]
+
+
+def camera_parameters(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor) -> Tensor:
+    """BEVDepth's camera-aware input: fx, fy, cx, cy, the 2x3 image augmentation and the 3x4
+    ``ego_from_cam``, one 22-vector per camera.
+
+    Shapes:
+        intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)   returns: (B*N, 22)
+    """
+    k = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1], intrinsics[..., 0, 2], intrinsics[..., 1, 2]], -1)
+    return torch.cat([k, img_aug[..., :2, :].flatten(-2), ego_from_cam[..., :3, :].flatten(-2)], -1).flatten(0, 1)
+
+
+class CameraAwareLiftSplat(LiftSplat):
+    """BEVDepth's depth net on lift-splat: a 3x3 reduction, then context and depth branches each
+    gated (squeeze-and-excitation) by an MLP of the camera parameters (intrinsics, image
+    augmentation, extrinsics; batch-normalised), so the depth distribution can depend on the camera
+    and its augmentation. Lifting and pooling are LiftSplat's."""
+
+    def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
+                 stride: int, mid_channels: int = 256):
+        super().__init__(in_channels, channels, grid, dbound, stride)
+        del self.depthnet
+        mid = mid_channels
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid),
+                                    nn.ReLU(inplace=True))
+        self.param_norm = nn.BatchNorm1d(22)
+        self.depth_mlp = nn.Sequential(nn.Linear(22, mid), nn.ReLU(inplace=True), nn.Linear(mid, mid))
+        self.context_mlp = nn.Sequential(nn.Linear(22, mid), nn.ReLU(inplace=True), nn.Linear(mid, mid))
+        self.context_out = nn.Conv2d(mid, channels, 1)
+        self.depth_out = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid),
+                                       nn.ReLU(inplace=True), nn.Conv2d(mid, self.num_bins, 1))
+
+    def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
+                          ego_from_cam: Tensor) -> tuple[Tensor, Tensor]:
+        """Shapes:
+            feats: (B, N, C_in, H, W)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
+            returns: depth logits (B*N, D, H, W), context (B*N, C, H, W)
+        """
+        x = self.reduce(feats.flatten(0, 1))  # (B*N, mid, H, W)
+        params = self.param_norm(camera_parameters(intrinsics, img_aug, ego_from_cam).to(x.dtype))  # (B*N, 22)
+        ctx_gate = torch.sigmoid(self.context_mlp(params))[..., None, None]  # (B*N, mid, 1, 1)
+        depth_gate = torch.sigmoid(self.depth_mlp(params))[..., None, None]
+        return self.depth_out(x * depth_gate), self.context_out(x * ctx_gate)
+
+
+def depth_targets(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
+                  hw: tuple[int, int], stride: int, dbound: tuple[float, float, float]) -> Tensor:
+    """BEVDepth's depth labels: LiDAR points projected into each camera; each feature cell takes
+    the nearest point's depth bin, or -1 where no point lands.
+
+    Frames: ``points`` (x, y, z first) in the ego frame of the sample.
+
+    Shapes:
+        points: B tensors (P_b, F >= 3)   intrinsics, img_aug: (B, N, 3, 3)
+        ego_from_cam: (B, N, 4, 4)   returns: (B, N, H, W) int64 bin index or -1
+    """
+    h, w = hw
+    dmin, dmax, step = dbound
+    b, n = intrinsics.shape[:2]
+    out = torch.full((b, n, h * w), -1, dtype=torch.long, device=intrinsics.device)
+    cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
+    img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
+    for i, pts in enumerate(points):
+        xyz = pts[:, :3].to(intrinsics.dtype)  # (P, 3)
+        cam = xyz @ cam_from_ego[i, :, :3, :3].transpose(-1, -2) + cam_from_ego[i, :, None, :3, 3]  # (N, P, 3)
+        z = cam[..., 2]
+        uvw = cam @ img_from_cam[i].transpose(-1, -2)  # (N, P, 3)
+        ok = (z >= dmin) & (z < dmax)
+        z_safe = torch.where(ok, z, torch.ones_like(z))
+        col = torch.floor((uvw[..., 0] / z_safe + 0.5) / stride)
+        row = torch.floor((uvw[..., 1] / z_safe + 0.5) / stride)
+        ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        cam_idx = torch.arange(n, device=z.device).view(n, 1).expand_as(z)
+        flat = (cam_idx * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()[ok]
+        nearest = torch.full((n * h * w,), float("inf"), dtype=z.dtype, device=z.device)
+        nearest.scatter_reduce_(0, flat, z[ok], reduce="amin")
+        bins = torch.floor((nearest - dmin) / step).clamp(max=round((dmax - dmin) / step) - 1)
+        out[i] = torch.where(torch.isfinite(nearest), bins, torch.full_like(bins, -1)).long().view(n, h * w)
+    return out.view(b, n, h, w)
+
+
+def depth_loss(depth: Tensor, targets: Tensor) -> Tensor:
+    """BEVDepth's depth loss: binary cross-entropy between the predicted distribution and the
+    one-hot label, summed over bins and averaged over cells that have a label.
+
+    Shapes:
+        depth: (B, N, D, H, W) probabilities   targets: (B, N, H, W) bin or -1   returns: ()
+    """
+    d = depth.shape[2]
+    valid = targets >= 0  # (B, N, H, W)
+    probs = depth.permute(0, 1, 3, 4, 2)[valid].clamp(1e-6, 1 - 1e-6)  # (V, D)
+    onehot = F.one_hot(targets[valid], d).to(probs.dtype)
+    loss = F.binary_cross_entropy(probs, onehot, reduction="sum")
+    return loss / valid.sum().clamp(min=1)
+
+
+class BilinearLift(nn.Module):
+    """Simple-BEV's parameter-free lifting: each voxel centre of the grid (``num_z`` heights) is
+    projected into every camera and the feature map is read bilinearly there; cameras that see the
+    voxel are averaged, heights are stacked into channels and reduced by a 3x3 conv."""
+
+    def __init__(self, in_channels: int, channels: int, grid: GridConfig, num_z: int, stride: int):
+        super().__init__()
+        self.grid = grid
+        self.num_z = num_z
+        self.stride = stride
+        self.channels = channels
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels * num_z, channels, 3, padding=1, bias=False),
+                                    nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def voxel_centres(self, like: Tensor) -> Tensor:
+        """Ego-frame voxel centres.
+
+        Shapes:
+            returns: (Z, Y, X, 3)
+        """
+        g = self.grid.bev_grid()
+        dz = (g.zmax - g.zmin) / self.num_z
+        x = g.xmin + (torch.arange(g.nx, dtype=like.dtype, device=like.device) + 0.5) * g.dx
+        y = g.ymin + (torch.arange(g.ny, dtype=like.dtype, device=like.device) + 0.5) * g.dy
+        z = g.zmin + (torch.arange(self.num_z, dtype=like.dtype, device=like.device) + 0.5) * dz
+        zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
+        return torch.stack([xx, yy, zz], dim=-1)
+
+    def forward(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor) -> tuple[Tensor, None]:
+        """Shapes:
+            feats: (B, N, C_in, H, W)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
+            returns: bev (B, C, Y, X), None (no depth distribution)
+        """
+        b, n, c, h, w = feats.shape
+        xyz = self.voxel_centres(feats)  # (Z, Y, X, 3)
+        nz, ny, nx = xyz.shape[:3]
+        cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
+        cam = torch.einsum("bnij,zyxj->bnzyxi", cam_from_ego[..., :3, :3], xyz) \
+            + cam_from_ego[..., None, None, None, :3, 3]  # (B, N, Z, Y, X, 3)
+        uvw = torch.einsum("bnij,bnzyxj->bnzyxi", img_aug @ intrinsics, cam)
+        z = uvw[..., 2]
+        in_front = z > 0.1
+        uv = uvw[..., :2] / torch.where(in_front, z, torch.ones_like(z)).unsqueeze(-1)
+        # Normalised grid_sample coordinates (align_corners=False): pixel u -> 2 (u + 0.5) / (s W) - 1.
+        size = uv.new_tensor([self.stride * w, self.stride * h])
+        norm = 2 * (uv + 0.5) / size - 1  # (B, N, Z, Y, X, 2)
+        seen = in_front & (norm.abs() <= 1).all(dim=-1)  # (B, N, Z, Y, X)
+        sampled = F.grid_sample(feats.flatten(0, 1), norm.view(b * n, nz * ny, nx, 2), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)  # (B*N, C, Z*Y, X)
+        sampled = sampled.view(b, n, c, nz, ny, nx) * seen.unsqueeze(2)
+        vox = sampled.sum(1) / seen.sum(1).clamp(min=1).unsqueeze(1)  # (B, C, Z, Y, X)
+        return self.reduce(vox.reshape(b, c * nz, ny, nx)), None

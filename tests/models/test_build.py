@@ -1,0 +1,166 @@
+"""Config validation, the variant dicts, local checkpoints and temporal state passed in and out."""
+
+import pickle
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+from tiny_batch import make_batch
+
+from bevkit.models import ModelConfig, build_model, load_config
+from bevkit.models.backbones import TimmBackbone
+from bevkit.models.build import VIEW_TRANSFORMS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_config_rejects_unknown_keys_and_is_frozen(tmp_path):
+    with pytest.raises(pydantic.ValidationError):
+        ModelConfig(view_transfrom=None)
+    with pytest.raises(pydantic.ValidationError):
+        ModelConfig(heads={"detection": {"chanels": 3}})
+    cfg = ModelConfig()
+    with pytest.raises(pydantic.ValidationError):
+        cfg.name = "other"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {grid: {xbound: [-10, 10, 0.3]}}\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_config_checks_its_consistency():
+    with pytest.raises(pydantic.ValidationError, match="fuser"):
+        ModelConfig(lidar={})
+    with pytest.raises(pydantic.ValidationError, match="head"):
+        ModelConfig(heads={"detection": None})
+    with pytest.raises(pydantic.ValidationError, match="partition"):
+        ModelConfig(heads={"detection": {"tasks": [["car"], ["car", "bus"]]}})
+    with pytest.raises(pydantic.ValidationError, match="both"):
+        ModelConfig(fuser={})
+    with pytest.raises(pydantic.ValidationError, match="own temporal"):
+        ModelConfig(view_transform={"type": "deform"}, temporal={})
+
+
+def test_unknown_variant_names_the_choices():
+    cfg = load_config(CONFIGS / "bevdet-synth.yaml")
+    cfg = ModelConfig(**{**cfg.model_dump(), "neck": {"type": "bifpn"}})
+    with pytest.raises(ValueError, match="fpn"):
+        build_model(cfg)
+    assert set(VIEW_TRANSFORMS) == {"lss", "lss_camera_aware", "bilinear", "deform"}
+
+
+def test_backbone_loads_a_local_checkpoint_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    src = TimmBackbone("resnet10t", (3, 4))
+    path = tmp_path / "r10t.pth"
+    torch.save({"state_dict": {**src.body.state_dict(), "fc.weight": torch.zeros(3, 3)}}, path)
+    dst = TimmBackbone("resnet10t", (3, 4))
+    x = torch.randn(1, 3, 64, 64)
+    src.eval(), dst.eval()
+    assert not torch.allclose(src(x)[-1], dst(x)[-1])
+    dst.load_checkpoint(path)
+    torch.testing.assert_close(src(x)[-1], dst(x)[-1])
+    other = tmp_path / "r18.pth"
+    torch.save(TimmBackbone("resnet18", (3, 4)).body.state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit"):
+        dst.load_checkpoint(other)
+    pickled = tmp_path / "obj.pth"
+    torch.save({"model": object()}, pickled)
+    with pytest.raises(pickle.UnpicklingError):
+        dst.load_checkpoint(pickled)  # weights_only refuses arbitrary objects
+
+
+def test_build_loads_the_configured_checkpoint(tmp_path):
+    cfg = load_config(CONFIGS / "bevdet-synth.yaml")
+    torch.manual_seed(1)
+    ref = build_model(cfg)
+    path = tmp_path / "backbone.pth"
+    torch.save(ref.backbone.body.state_dict(), path)
+    cfg = ModelConfig(**{**cfg.model_dump(), "backbone": {**cfg.backbone.model_dump(), "checkpoint": str(path)}})
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    for (k, a), b in zip(ref.backbone.state_dict().items(), model.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_temporal_state_is_passed_in_and_out():
+    cfg = load_config(CONFIGS / "bevdet4d-synth.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg)  # train mode: batch statistics keep the random network's signals O(1)
+    batch = make_batch(cfg, n_cams=1, batch=2)
+    before = dict(vars(model))
+    with torch.no_grad():
+        first = model(batch)  # no history: the current BEV stands in for the previous frame
+        state = first["bev"].unsqueeze(1)  # (B, T-1, C, Y, X)
+        still = model({**batch, "prev_bev": state, "curr_from_prev": torch.eye(4).expand(2, 1, 4, 4)})
+        moved_tf = torch.eye(4).expand(2, 1, 4, 4).clone()
+        moved_tf[:, 0, 0, 3] = 1.6  # the ego drove 1.6 m forward since the previous keyframe
+        moved = model({**batch, "prev_bev": state, "curr_from_prev": moved_tf})
+    assert vars(model).keys() == before.keys()  # nothing was stored on the module
+    a = first["detection"][0]["heatmap"]
+    torch.testing.assert_close(still["detection"][0]["heatmap"], a)
+    assert (moved["detection"][0]["heatmap"] - a).abs().max() > 1e-2 * a.std()
+    with pytest.raises(ValueError, match="history"):
+        model({**batch, "prev_bev": torch.cat([state, state], 1), "curr_from_prev": torch.eye(4).expand(2, 2, 4, 4)})
+
+
+def test_bevformer_reads_the_previous_bev_aligned_by_ego_motion():
+    cfg = load_config(CONFIGS / "bevformer-synth.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    batch = make_batch(cfg, n_cams=1, batch=2)
+    before = dict(vars(model))
+    with torch.no_grad():
+        first = model(batch)
+        state = first["bev"].unsqueeze(1)
+        still = model({**batch, "prev_bev": state, "curr_from_prev": torch.eye(4).expand(2, 1, 4, 4)})
+        moved_tf = torch.eye(4).expand(2, 1, 4, 4).clone()
+        moved_tf[:, 0, 1, 3] = 2.4  # sideways by three cells
+        moved = model({**batch, "prev_bev": state, "curr_from_prev": moved_tf})
+    assert vars(model).keys() == before.keys()
+    assert still["bev"].shape == first["bev"].shape == (2, 32, 32, 32)
+    for a, b in ((first, still), (still, moved)):
+        assert (a["bev"] - b["bev"]).abs().max() > 1e-2 * a["bev"].std()
+
+
+def test_bevdet4d_concatenates_each_history_frame_warped_by_its_own_motion():
+    from bevkit.models.config import GridConfig
+    from bevkit.models.temporal import BEVDet4D
+
+    grid = GridConfig(xbound=(-4.0, 4.0, 1.0), ybound=(-4.0, 4.0, 1.0), zbound=(-5.0, 3.0, 8.0))
+    fuse = BEVDet4D(grid, channels=1, frames=3)
+    bev = torch.zeros(1, 1, 8, 8)
+    prev = torch.zeros(1, 2, 1, 8, 8)
+    prev[0, 0, 0, 4, 4] = 1.0  # one keyframe ago: a blob at cell (iy 4, ix 4) = (x 0.5, y 0.5)
+    prev[0, 1, 0, 4, 4] = 2.0  # two keyframes ago: the same place in that frame
+    motion = torch.eye(4).expand(1, 2, 4, 4).clone()
+    motion[0, 0, 0, 3] = -1.0  # curr_from_prev: that frame's x = 0.5 is the current x = -0.5 (ix 3)
+    motion[0, 1, 1, 3] = -2.0  # y = 0.5 there is the current y = -1.5 (iy 2)
+    out = fuse(bev, prev, motion)
+    assert out.shape == (1, 3, 8, 8)
+    assert (out[0, 1] == 1.0).nonzero().tolist() == [[4, 3]]
+    assert (out[0, 2] == 2.0).nonzero().tolist() == [[2, 4]]
+    assert out[0, 0].abs().sum() == 0
+
+
+def test_ego_motion_between_keyframes():
+    import math
+
+    from bevkit.models.temporal import curr_from_prev
+
+    def pose(x, y, yaw):
+        m = torch.eye(4, dtype=torch.float64)
+        m[:2, :2] = torch.tensor([[math.cos(yaw), -math.sin(yaw)], [math.sin(yaw), math.cos(yaw)]])
+        m[0, 3], m[1, 3] = x, y
+        return m
+
+    # Far from the origin (real global coordinates): the previous pose is 2 m behind the current one along
+    # the current heading (yaw 90 deg), so a point at the previous ego origin is at x = -2 now.
+    curr = pose(1000.0, 2000.0, math.pi / 2)[None]
+    prev = pose(1000.0, 1998.0, math.pi / 2)[None]
+    m = curr_from_prev(curr, prev)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m[0, :3, 3], torch.tensor([-2.0, 0.0, 0.0]))
+    torch.testing.assert_close(m[0, :3, :3], torch.eye(3))
+    assert curr_from_prev(curr, torch.stack([prev, curr], 1)).shape == (1, 2, 4, 4)
