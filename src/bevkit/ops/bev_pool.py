@@ -245,17 +245,26 @@ def bev_pool_reference(depth: Tensor, feats: Tensor, points_ego: Tensor, grid: B
         depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   points_ego: (B, N, D, H, W, 3)
         returns: (B, C, Y, X)
     """
-    b, n, d, h, w = _check(depth, feats)
+    b = depth.shape[0]
     c = feats.shape[2]
-    ny, nx = grid.ny, grid.nx
+    rows, values = _materialise(depth, feats, points_ego, grid)
+    out = values.new_zeros(b * grid.ny * grid.nx, c)
+    out.index_add_(0, rows, values)
+    return out.view(b, grid.ny, grid.nx, c).permute(0, 3, 1, 2).contiguous()
+
+
+def _materialise(depth: Tensor, feats: Tensor, points_ego: Tensor, grid: BEVGridSpec):
+    """The baselines' first step: the full frustum, and the flat BEV cell of each point in the grid.
+
+    Shapes:
+        returns: cells (K,) int64 over B*Y*X, values (K, C), K = points inside the grid
+    """
+    b = _check(depth, feats)[0]
     frustum = depth.unsqueeze(-1) * feats.permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B,N,D,H,W,C)
     cell = bev_cell_index(points_ego, grid)  # (B, N, D, H, W)
     batch = torch.arange(b, device=depth.device).view(b, 1, 1, 1, 1)
     keep = cell >= 0
-    rows = (batch * (ny * nx) + cell)[keep]
-    out = frustum.new_zeros(b * ny * nx, c)
-    out.index_add_(0, rows, frustum[keep])
-    return out.view(b, ny, nx, c).permute(0, 3, 1, 2).contiguous()
+    return (batch * (grid.ny * grid.nx) + cell)[keep], frustum[keep]
 
 
 class _CumsumPool(torch.autograd.Function):
@@ -287,21 +296,15 @@ def bev_pool_cumsum(depth: Tensor, feats: Tensor, points_ego: Tensor, grid: BEVG
         depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   points_ego: (B, N, D, H, W, 3)
         returns: (B, C, Y, X)
     """
-    b, n, d, h, w = _check(depth, feats)
+    b = depth.shape[0]
     c = feats.shape[2]
-    ny, nx = grid.ny, grid.nx
-    frustum = depth.unsqueeze(-1) * feats.permute(0, 1, 3, 4, 2).unsqueeze(2)  # (B,N,D,H,W,C)
-    cell = bev_cell_index(points_ego, grid)
-    batch = torch.arange(b, device=depth.device).view(b, 1, 1, 1, 1)
-    keep = cell >= 0
-    ranks = (batch * (ny * nx) + cell)[keep]
-    rows = frustum[keep]
+    ranks, rows = _materialise(depth, feats, points_ego, grid)
     order = ranks.argsort()
     rows, ranks = rows[order], ranks[order]
-    out = frustum.new_zeros(b * ny * nx, c)
+    out = rows.new_zeros(b * grid.ny * grid.nx, c)
     rows, ranks = _CumsumPool.apply(rows, ranks)
     out[ranks] = rows
-    return out.view(b, ny, nx, c).permute(0, 3, 1, 2).contiguous()
+    return out.view(b, grid.ny, grid.nx, c).permute(0, 3, 1, 2).contiguous()
 
 
 def bev_pool_exportable(depth: Tensor, feats: Tensor, cell_index: Tensor, grid: BEVGridSpec) -> Tensor:
