@@ -368,6 +368,19 @@ class Hits:
     unoccluded: dict  # agent id -> number of rays that would hit it with nothing in front
 
 
+def _union_sizes(index_lists: dict, n: int) -> dict:
+    """For each key, how many distinct indices (< n) its arrays hold together, without sorting."""
+    seen = np.zeros(n, bool)
+    out = {}
+    for key, arrays in index_lists.items():
+        for a in arrays:
+            seen[a] = True
+        out[key] = int(np.count_nonzero(seen))
+        for a in arrays:
+            seen[a] = False
+    return out
+
+
 def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: np.ndarray,
          max_range: float = np.inf, count_owners: bool = False) -> tuple[Hits, np.ndarray]:
     """Cast every ray of a sensor from ``origin`` (city frame).
@@ -406,8 +419,7 @@ def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: 
     far = best > max_range
     best[far] = np.inf
     prim[far] = -1
-    counts = {a: len(np.unique(np.concatenate(v))) for a, v in unocc.items()}
-    return Hits(best, prim, counts), dirs
+    return Hits(best, prim, _union_sizes(unocc, n_rays)), dirs
 
 
 def _corners(prims: Prims) -> np.ndarray:
@@ -484,8 +496,7 @@ def cast_camera(prims: Prims, city_from_cam: np.ndarray, intrinsics: np.ndarray,
             closer = t < best_view
             best_view[closer] = t[closer]
             prim[a0:a1, b0:b1][closer] = k
-    counts = {a: len(np.unique(np.concatenate(v))) for a, v in unocc.items()}
-    return Hits(best.ravel(), prim.ravel(), counts), dirs
+    return Hits(best.ravel(), prim.ravel(), _union_sizes(unocc, height * width)), dirs
 
 
 # ------------------------------------------------------------------------------------ shading
