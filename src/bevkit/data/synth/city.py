@@ -222,7 +222,7 @@ def build_city(location: str, seed: int) -> City:
     )
     _build_lanes(city)
     _build_connectors(city)
-    city.ground = _rasterise_ground(city, rng)
+    city.ground = _rasterise_ground(city)
     city.static = _build_static(city, rng)
     return city
 
@@ -368,7 +368,7 @@ def crossings(city: City):
     return out
 
 
-def _rasterise_ground(city: City, rng: np.random.Generator) -> np.ndarray:
+def _rasterise_ground(city: City) -> np.ndarray:
     rows = int(np.ceil(city.height / RASTER_RES))
     cols = int(np.ceil(city.width / RASTER_RES))
     g = np.full((rows, cols), G_GRASS, dtype=np.uint8)

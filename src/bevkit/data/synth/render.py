@@ -30,7 +30,6 @@ from bevkit.data.synth.city import (
     M_TRUNK,
     City,
 )
-from bevkit.geometry import apply
 
 # Materials beyond the static ones in city.py.
 M_PAINT, M_GLASS, M_TIRE, M_SKIN, M_CLOTH, M_CONE, M_BARRIER, M_METAL, M_LIGHT = 4, 5, 6, 7, 8, 9, 10, 11, 12
@@ -610,5 +609,5 @@ def points_in_box(xyz: np.ndarray, box_xyz, yaw: float, size) -> np.ndarray:
 
 __all__ = [
     "Prims", "RaySet", "Hits", "agent_parts", "scene_prims", "camera_rays", "lidar_rays", "cast",
-    "shade_camera", "lidar_intensity", "points_in_box", "apply",
+    "shade_camera", "lidar_intensity", "points_in_box",
 ]
