@@ -381,7 +381,7 @@ def _union_sizes(index_lists: dict, n: int) -> dict:
 
 
 def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: np.ndarray,
-         max_range: float = np.inf, count_owners: bool = False) -> tuple[Hits, np.ndarray]:
+         max_range: float = np.inf) -> tuple[Hits, np.ndarray]:
     """Cast every ray of a sensor from ``origin`` (city frame).
 
     Returns the hits and the ray directions in the city frame (R, 3).
@@ -394,7 +394,6 @@ def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: 
     best = np.minimum(t_ground, max_range)
     best[t_ground > max_range] = np.inf
     prim = np.full(n_rays, -1, np.int64)
-    unocc: dict = {}
     if len(prims):
         oc = prims.center - origin
         dist = np.linalg.norm(oc, axis=1)
@@ -407,9 +406,6 @@ def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: 
         for k in np.nonzero(touch.any(axis=1))[0]:
             ray_idx = np.concatenate([rays.tile_rays[t] for t in np.nonzero(touch[k])[0]])
             t = _hit(prims.kind[k], prims.center[k], prims.size[k], prims.yaw[k], origin, dirs[ray_idx])
-            hit = t < np.inf
-            if count_owners and prims.owner[k] >= 0 and hit.any():
-                unocc.setdefault(int(prims.owner[k]), []).append(ray_idx[hit])
             closer = t < best[ray_idx]
             if closer.any():
                 sel = ray_idx[closer]
@@ -418,7 +414,7 @@ def cast(prims: Prims, origin: np.ndarray, rays: RaySet, world_from_sensor_rot: 
     far = best > max_range
     best[far] = np.inf
     prim[far] = -1
-    return Hits(best, prim, _union_sizes(unocc, n_rays)), dirs
+    return Hits(best, prim, {}), dirs
 
 
 def _corners(prims: Prims) -> np.ndarray:

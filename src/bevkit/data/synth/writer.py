@@ -34,6 +34,7 @@ from bevkit.data.synth.agents import CATEGORIES, DT, make_scenario
 from bevkit.data.synth.city import build_city, stable_seed
 from bevkit.data.synth.mapexp import build_map_json, drivable_mask_png
 from bevkit.data.synth.render import (
+    Hits,
     camera_rays,
     cast,
     cast_camera,
@@ -139,8 +140,6 @@ def _city(location: str, seed: int):
 
 
 def _select(hits, mask):
-    from bevkit.data.synth.render import Hits
-
     return Hits(hits.t[mask], hits.prim[mask], hits.unoccluded)
 
 
@@ -168,7 +167,6 @@ def scene_jobs(out, preset: str, seed: int = 0, scale=None, lidar_hz=None, sampl
 
 def generate_scene(job: SceneJob) -> dict:
     """Simulate, render and write one scene's files; return its table records."""
-    t_start = time.time()
     rng = np.random.default_rng(stable_seed("render", job.seed, job.index))
     city, scn = scene_world(job)
     rig = load_rig(job.scale)
@@ -346,7 +344,6 @@ def generate_scene(job: SceneJob) -> dict:
     records["log"] = [{"token": log_tok, "logfile": log_name, "vehicle": "synth-ego",
                        "date_captured": time.strftime("%Y-%m-%d", time.gmtime(job.start_us / 1e6)),
                        "location": job.location}]
-    records["_seconds"] = time.time() - t_start
     return records
 
 
