@@ -121,27 +121,122 @@ def score(
         typer.echo(f"wrote {out / 'metrics_summary.json'}")
 
 
+SET_HELP = "Override a config key, e.g. --set train.epochs=2 --set data.root=data/nuscenes (value read as YAML)."
+
+
+def _engine_errors():
+    from bevkit.config import ConfigError
+    from bevkit.data.nuscenes import DataError
+    from bevkit.engine.checkpoint import CheckpointError
+    from bevkit.eval import ResultsError
+
+    return (ConfigError, CheckpointError, DataError, ResultsError)
+
+
+def _quiet_lightning() -> None:
+    """Lightning's informational banners (GPU available, tips) off; its warnings stay."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _experiment(config: Path, overrides: list[str]):
+    from bevkit.config import load_experiment
+
+    return load_experiment(config, overrides or [])
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Experiment YAML (configs/*.yaml)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    resume: bool = typer.Option(False, help="Continue from <out>/checkpoints/last.ckpt (same model config)."),
+):
+    """Train a model: devices, precision, DDP, checkpoints and logs as the config's train section says."""
+    _quiet_lightning()
+    from bevkit.engine import train as run_train
+
+    try:
+        cfg = _experiment(config, set_)
+        out = run_train(cfg, resume=resume)
+    except _engine_errors() as e:
+        _fail(str(e))
+    typer.echo(f"run folder: {out} (checkpoints in {out / 'checkpoints'}, logs in {out / 'logs'})")
+
+
+@app.command("eval")
+def eval_(
+    config: Path = typer.Argument(..., help="Experiment YAML the checkpoint was trained with."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.ckpt) written by bevkit train."),
+    split: str = typer.Option(None, help="Split to evaluate (default: the config's data.val_split)."),
+    out: Path = typer.Option(None, help="Folder for the metrics files (default: <run>/eval-<split>)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Evaluate a checkpoint with every head's official metric; prints the nuScenes table, writes JSON."""
+    _quiet_lightning()
+    from bevkit.engine import evaluate
+
+    try:
+        cfg = _experiment(config, set_)
+        metrics = evaluate(cfg, ckpt, split=split, out_dir=out)
+    except _engine_errors() as e:
+        _fail(str(e))
+    _print_metrics(metrics)
+    split = split or cfg.data.val_split
+    typer.echo(f"wrote {out or Path(cfg.out) / f'eval-{split}'}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    from bevkit.eval.score import format_summary
+
+    if "detection" in metrics:
+        typer.echo(format_summary(metrics["detection"]))
+    for head in ("map", "occupancy"):
+        if head in metrics:
+            m = metrics[head]
+            typer.echo(f"{head} IoU: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+
+
+@app.command()
+def predict(
+    config: Path = typer.Argument(..., help="Experiment YAML the checkpoint was trained with."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.ckpt) written by bevkit train."),
+    out: Path = typer.Option(Path("results_nusc.json"), help="Results JSON to write (official submission format)."),
+    split: str = typer.Option(None, help="Split to predict (default: the config's data.val_split)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Write detections in the official nuScenes submission format (score it with `bevkit score`)."""
+    _quiet_lightning()
+    from bevkit.engine import predict as run_predict
+
+    try:
+        cfg = _experiment(config, set_)
+        sub = run_predict(cfg, ckpt, out, split=split)
+    except _engine_errors() as e:
+        _fail(str(e))
+    n = sum(len(v) for v in sub["results"].values())
+    typer.echo(f"wrote {out}: {len(sub['results'])} samples, {n} boxes")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the demo's dataset and outputs."),
     preset: str = typer.Option("mini", help="Synthetic preset to build if the dataset is absent."),
-    workers: int = typer.Option(None, help="Parallel scene workers (default: one per core)."),
+    workers: int = typer.Option(None, help="Parallel scene workers for synthesis (default: one per core)."),
+    epochs: int = typer.Option(None, help="Training epochs (default: the demo config's)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """The main job on the embedded default: synthesize the mini world (if absent) and preview it."""
-    from bevkit.data.synth import generate
-    from bevkit.viz.preview import render_preview
+    """The main job on the embedded default: synthesize the mini world (if absent), train a small LiDAR
+    detector on mini_train, evaluate it (and the untrained model) on mini_val, draw predictions."""
+    _quiet_lightning()
+    from bevkit.engine.demo import run_demo
 
-    data = out / f"synth-{preset}"
-    if not (data.is_dir() and any(data.glob("*/sample.json"))):
-        typer.echo(f"[demo] synthesizing the {preset} world into {data}")
-        try:
-            generate(data, preset=preset, workers=workers, overwrite=data.exists())
-        except (ValueError, FileExistsError) as e:
-            _fail(str(e))
-    else:
-        typer.echo(f"[demo] using the dataset in {data}")
-    png = render_preview(data, 0, out / "preview.png")
-    typer.echo(f"[demo] wrote {png}")
+    try:
+        run_demo(out, preset=preset, workers=workers, epochs=epochs, overrides=set_ or [], echo=typer.echo)
+    except (*_engine_errors(), ValueError, FileExistsError) as e:
+        _fail(str(e))
 
 
 def main(argv=None) -> int:

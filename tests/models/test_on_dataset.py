@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
-from bevkit.geometry.grid import BEVGrid
-from bevkit.models import build_model, load_config
+from bevkit.config import load_experiment
+from bevkit.engine.data import data_config
+from bevkit.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -16,15 +16,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 @pytest.mark.parametrize("preset", ["bevfusion-synth.yaml", "nmp-synth.yaml", "bevdet-occ-synth.yaml"])
 def test_synth_preset_trains_and_decodes_on_dataset_samples(tiny_root, tmp_path, monkeypatch, preset):
     monkeypatch.setenv("BEVKIT_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(CONFIGS / preset)
-    data = yaml.safe_load((CONFIGS / preset).read_text())["data"]
-    kw = dict(image_size=tuple(data["image_size"]), cameras=tuple(data["cameras"]),
-              occupancy=bool(data.get("occupancy", False)))
-    if cfg.heads.map is not None:  # the map raster at the head's resolution, over the model's grid
-        u = cfg.heads.map.upsample
-        (x0, x1, dx), (y0, y1, dy) = cfg.grid.xbound, cfg.grid.ybound
-        kw["map_grid"] = BEVGrid(xmin=x0, xmax=x1, ymin=y0, ymax=y1, dx=dx / u, dy=dy / u)
-    ds = NuScenesDataset(tiny_root, "mini_train", DataConfig(**kw))
+    exp = load_experiment(CONFIGS / preset)
+    cfg = exp.model
+    ds = NuScenesDataset(tiny_root, "mini_train", data_config(exp, train=False))
     batch = collate([ds[0], ds[1]])
     torch.manual_seed(0)
     model = build_model(cfg)

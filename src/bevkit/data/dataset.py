@@ -114,15 +114,26 @@ class NuScenesDataset(Dataset):
             return None
         return np.random.default_rng([self.seed, self.epoch, i])
 
+    def position(self, token: str) -> int | None:
+        """Index of a sample token in this split (None if it is not in it)."""
+        if not hasattr(self, "_positions"):
+            self._positions = {s["token"]: i for i, s in enumerate(self.samples)}
+        return self._positions.get(token)
+
     def map_layers(self, location: str) -> MapLayers:
         if location not in self._maps:
             self._maps[location] = MapLayers(self.root / "maps" / "expansion" / f"{location}.json")
         return self._maps[location]
 
     def __getitem__(self, i: int) -> dict:
+        return self.load(i)
+
+    def load(self, i: int, aug_key: int | None = None) -> dict:
+        """Sample ``i`` with the augmentations drawn for sample ``aug_key`` (default ``i``): a history
+        frame loaded with its current frame's key shares its image and BEV augmentation."""
         s = self.samples[i]
         cfg = self.cfg
-        rng = self._rng(i)
+        rng = self._rng(i if aug_key is None else aug_key)
         bev_aug = bev_aug_matrix(cfg.bev_aug, rng) if cfg.bev_aug is not None else np.eye(4)
         images, intr, augs, e_from_c = [], [], [], []
         for ch in cfg.cameras:
@@ -150,10 +161,10 @@ class NuScenesDataset(Dataset):
         out = {
             "token": s["token"], "scene": self.index.scenes[s["scene_token"]]["name"], "timestamp": s["timestamp"],
             "prev": s["prev"], "next": s["next"],
-            "images": torch.stack(images),
-            "intrinsics": torch.tensor(np.array(intr), dtype=torch.float32),
-            "img_aug": torch.tensor(np.array(augs), dtype=torch.float32),
-            "ego_from_cam": torch.tensor(np.array(e_from_c), dtype=torch.float32),
+            "images": torch.stack(images) if images else torch.zeros(0, 3, *cfg.image_size, dtype=torch.uint8),
+            "intrinsics": torch.tensor(np.array(intr), dtype=torch.float32).reshape(-1, 3, 3),
+            "img_aug": torch.tensor(np.array(augs), dtype=torch.float32).reshape(-1, 3, 3),
+            "ego_from_cam": torch.tensor(np.array(e_from_c), dtype=torch.float32).reshape(-1, 4, 4),
             "ego_from_lidar": torch.tensor(s["lidar"]["ego_from_lidar"], dtype=torch.float32),
             "global_from_ego": torch.tensor(s["global_from_ego"], dtype=torch.float64),
             "bev_aug": torch.tensor(bev_aug, dtype=torch.float32),

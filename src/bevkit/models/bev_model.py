@@ -49,19 +49,14 @@ class BEVModel(nn.Module):
         feats = self.neck(self.backbone(x.flatten(0, 1)))  # (B*N, C, H/s, W/s)
         return feats.view(b, n, *feats.shape[1:])
 
-    def forward(self, batch: dict) -> dict:
-        """Run every branch and head.
-
-        Frames: the BEV maps and head outputs are on the ego-frame grid ``cfg.grid``.
+    def encode(self, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """The fused camera / LiDAR BEV of one frame, before temporal fusion (the state a temporal model
+        passes to the next frame), and the depth distribution of ``lss`` view transforms.
 
         Shapes:
-            returns: {"bev": (B, C_bev, Y, X) the fused BEV before temporal fusion (next frame's
-                      state), "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``, and one entry per head:
-                      "detection" (see ``CenterHead.forward``), "map" (B, K, Y', X'),
-                      "occupancy" (B, 18, Z, Y, X)}
+            returns: bev (B, C_bev, Y, X) on ``cfg.grid`` (ego frame), depth (B, N, D, H', W') or None
         """
-        out: dict = {}
-        bevs = []
+        bevs, depth = [], None
         if self.view_transform is not None:
             feats = self.image_features(batch["images"])
             geometry = (batch["intrinsics"], batch["img_aug"], batch["ego_from_cam"])
@@ -71,15 +66,40 @@ class BEVModel(nn.Module):
             else:
                 cam_bev, depth = self.view_transform(feats, *geometry)
             bevs.append(cam_bev)
-            if depth is not None:
-                out["depth"] = depth
         if self.lidar is not None:
             bevs.append(self.lidar(batch["points"]))
         bev = self.fuser(bevs) if self.fuser is not None else bevs[0]  # (B, C, Y, X)
-        out["bev"] = bev
+        return bev, depth
+
+    def features(self, bev: Tensor, batch: dict) -> Tensor:
+        """Temporal fusion (with ``batch["prev_bev"]`` / ``curr_from_prev`` when present) and the BEV
+        encoder: the map every head reads (what ``bevkit cache`` stores).
+
+        Shapes:
+            bev: (B, C_bev, Y, X)   returns: (B, C_enc, Y, X)
+        """
         if self.temporal is not None:
             bev = self.temporal(bev, batch.get("prev_bev"), batch.get("curr_from_prev"))
-        x = self.bev_encoder(bev)
+        return self.bev_encoder(bev)
+
+    def forward(self, batch: dict) -> dict:
+        """Run every branch and head.
+
+        Frames: the BEV maps and head outputs are on the ego-frame grid ``cfg.grid``.
+
+        Shapes:
+            returns: {"bev": (B, C_bev, Y, X) the fused BEV before temporal fusion (next frame's
+                      state), "features": (B, C_enc, Y, X) the BEV encoder's output,
+                      "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``, and one entry per head:
+                      "detection" (see ``CenterHead.forward``), "map" (B, K, Y', X'),
+                      "occupancy" (B, 18, Z, Y, X)}
+        """
+        bev, depth = self.encode(batch)
+        out: dict = {"bev": bev}
+        if depth is not None:
+            out["depth"] = depth
+        x = self.features(bev, batch)
+        out["features"] = x
         for name, head in self.heads.items():
             out[name] = head(x)
         return out

@@ -45,6 +45,9 @@ def gaussian_radius(length: Tensor, width: Tensor, min_overlap: float) -> Tensor
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
+LOG_SIZE_LIMIT = 5.0  # decoded box sizes stay within [exp(-5), exp(5)] = [7 mm, 148 m]
+
+
 class SeparateHead(nn.Module):
     """One task's branches: heatmap (one channel per class) and the regression maps."""
 
@@ -225,7 +228,8 @@ class CenterHead(nn.Module):
             x = g.xmin + (ix + code[..., 0]) * g.dx
             y = g.ymin + (iy + code[..., 1]) * g.dy
             yaw = torch.atan2(code[..., 6], code[..., 7])
-            boxes = torch.stack([x, y, code[..., 2], *code[..., 3:6].exp().unbind(-1), yaw,
+            size = code[..., 3:6].clamp(-LOG_SIZE_LIMIT, LOG_SIZE_LIMIT).exp()  # finite for any logit
+            boxes = torch.stack([x, y, code[..., 2], *size.unbind(-1), yaw,
                                  code[..., 8], code[..., 9]], dim=-1)  # (B, T, 9)
             labels = scores.new_tensor(classes, dtype=torch.long)[cls]
             if "attr" in out:

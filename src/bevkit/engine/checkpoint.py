@@ -1,0 +1,91 @@
+"""Reading checkpoints safely: ``weights_only=True``, clear errors, and a model from a checkpoint alone."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from bevkit.config import ConfigError, ExperimentConfig, experiment_from_dict
+from bevkit.models.bev_model import BEVModel
+from bevkit.models.build import build_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict, loaded with ``weights_only=True`` (no arbitrary unpickling).
+
+    Raises ``CheckpointError`` naming the file when it is missing, truncated, not a PyTorch file, or
+    not a bevkit checkpoint (no ``bevkit`` entry with the resolved config).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways (zip, unpickler, storage)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
+                              f"{first}") from None
+    if not isinstance(ckpt, dict) or "bevkit" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a bevkit checkpoint (no 'bevkit' config entry; found {keys})")
+    return ckpt
+
+
+def checkpoint_config(path, ckpt: dict | None = None) -> ExperimentConfig:
+    """The resolved experiment config a checkpoint carries."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    try:
+        return experiment_from_dict(ckpt["bevkit"]["config"], f"{path} (its saved config)")
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its saved config does not validate with this bevkit: {e}") from None
+
+
+def model_state(ckpt: dict, ema: bool = True) -> dict:
+    """The ``BEVModel`` state dict of a checkpoint: the EMA weights if present and asked for."""
+    if ema and "ema" in ckpt:
+        return dict(ckpt["ema"])
+    prefix = "model."
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def load_model(path, ema: bool = True) -> tuple[ExperimentConfig, BEVModel]:
+    """Rebuild the model from a checkpoint alone (config and weights), in eval mode on the CPU."""
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(path, ckpt)
+    model = build_model(cfg.model, load_checkpoint=False)
+    try:
+        model.load_state_dict(model_state(ckpt, ema))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
+    return cfg, model.eval()
+
+
+def check_same_model(cfg: ExperimentConfig, saved: ExperimentConfig, path) -> None:
+    """The config given on the command line must describe the checkpoint's model (data may differ)."""
+    a, b = cfg.to_dict()["model"], saved.to_dict()["model"]
+    diff = sorted(_differences(a, b, "model"))
+    if diff:
+        raise CheckpointError(f"{path}: the config's model differs from the checkpoint's at {', '.join(diff[:6])}")
+
+
+def _differences(a, b, prefix):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _differences(a.get(k), b.get(k), f"{prefix}.{k}")
+    elif a != b:
+        yield prefix
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,197 @@
+"""``train``, ``evaluate`` and ``predict``: the Lightning trainer set up from an experiment config.
+
+Run folder layout (``cfg.out``)::
+
+    config.yaml                    the resolved config (also inside every checkpoint)
+    checkpoints/last.ckpt          refreshed every epoch (and every ``checkpoint_every`` steps)
+    checkpoints/best-*.ckpt        best on the head's metric (NDS, map mIoU or occupancy mIoU)
+    checkpoints/step*.ckpt         every ``checkpoint_every`` optimizer steps, if set
+    logs/metrics.csv, tb/          CSV and TensorBoard logs
+    eval-<split>/                  what ``evaluate`` writes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from bevkit.config import ConfigError, ExperimentConfig
+from bevkit.engine.checkpoint import CheckpointError, check_same_model, checkpoint_config, model_state, read_checkpoint
+from bevkit.engine.data import BEVDataModule
+from bevkit.engine.module import BEVLitModule
+
+PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16-mixed": "16-mixed"}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file in the same folder and renamed into place, so a
+    kill mid-write never leaves a truncated ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class ConsumedBatches(Callback):
+    """Tells the resumable train loader how many batches of the epoch were trained on, before any
+    checkpoint of this batch is written (Lightning runs ``ModelCheckpoint`` hooks last)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loader = getattr(trainer.datamodule, "train_loader", None)
+        if loader is not None:
+            loader.consumed = batch_idx + 1
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), progress: bool = True) -> L.Trainer:
+    """The Lightning trainer for a config: devices, precision, DDP, clipping, accumulation, logs."""
+    t = cfg.train
+    if t.precision == "16-mixed" and not torch.cuda.is_available():
+        raise ConfigError("train.precision: 16-mixed needs a CUDA device; use bf16 or 32 on the CPU")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    cbs = list(callbacks)
+    if progress:
+        cbs.append(TQDMProgressBar(refresh_rate=1))
+    loggers = False
+    if fit:
+        loggers = [CSVLogger(str(out), name="logs")]  # version_N: a resumed run never overwrites a log
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+            import tensorboard  # noqa: F401
+
+            loggers.append(TensorBoardLogger(str(out), name="tb", default_hp_metric=False))
+        except ImportError:  # TensorBoard is optional; the CSV log is always written
+            pass
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+        cbs.append(ConsumedBatches())
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=PRECISION[t.precision], max_epochs=t.epochs if t.epochs > 0 else -1, max_steps=t.max_steps,
+        gradient_clip_val=t.grad_clip, accumulate_grad_batches=t.accumulate, check_val_every_n_epoch=t.val_every,
+        log_every_n_steps=t.log_every, deterministic=t.deterministic, use_distributed_sampler=False,
+        num_sanity_val_steps=0, default_root_dir=str(out), logger=loggers, callbacks=cbs,
+        enable_checkpointing=fit, enable_progress_bar=progress, enable_model_summary=fit,
+        plugins=[AtomicCheckpointIO()])
+
+
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, callbacks=()) -> Path:
+    """Train a config into ``cfg.out``; with ``resume``, continue from ``checkpoints/last.ckpt``.
+
+    Returns the run folder. The resolved config is written to ``config.yaml`` and into every checkpoint.
+    """
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = None
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(f"{last}: nothing to resume from (no last checkpoint in the run folder)")
+        saved = checkpoint_config(last)
+        check_same_model(cfg, saved, last)
+        ckpt_path = str(last)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = BEVLitModule(cfg)
+    dm = BEVDataModule(cfg)
+    monitor = module.monitor()
+    cbs = [ModelCheckpoint(dirpath=str(ckpt_dir), monitor=monitor, mode="max", save_top_k=1,
+                           filename="best-epoch{epoch:03d}", auto_insert_metric_name=False),
+           ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=-1 if cfg.train.checkpoint_every else 0,
+                           every_n_train_steps=cfg.train.checkpoint_every or None,
+                           filename="step{step:07d}", auto_insert_metric_name=False)]
+    trainer = make_trainer(cfg, out, fit=True, callbacks=[*cbs, *callbacks], progress=progress)
+    if trainer.is_global_zero:
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    return out
+
+
+def _load_for_eval(cfg: ExperimentConfig, ckpt_path, split: str, collect: bool) -> BEVLitModule:
+    if ckpt_path is None:  # the untrained model, initialised with the config's seed (a baseline)
+        L.seed_everything(cfg.train.seed, verbose=False)
+        return BEVLitModule(cfg, eval_split=split, collect_results=collect)
+    ckpt = read_checkpoint(ckpt_path)
+    check_same_model(cfg, checkpoint_config(ckpt_path, ckpt), ckpt_path)
+    module = BEVLitModule(cfg, eval_split=split, collect_results=collect)
+    try:
+        module.model.load_state_dict(model_state(ckpt, ema=True))
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    return module
+
+
+def _validate(cfg, module, split, progress) -> L.Trainer:
+    trainer = make_trainer(cfg, Path(cfg.out), fit=False, progress=progress)
+    trainer.validate(module, datamodule=BEVDataModule(cfg, eval_split=split), verbose=False)
+    return trainer
+
+
+def evaluate(cfg: ExperimentConfig, ckpt_path, split: str | None = None, out_dir=None,
+             progress: bool = True, plots: bool = True) -> dict:
+    """Every head's official metrics on ``split`` (default ``data.val_split``) of the checkpoint's weights
+    (its EMA if it has one; ``ckpt_path`` None: the untrained model), written to ``out_dir``
+    (default ``<run>/eval-<split>``) on rank 0: ``metrics_summary.json`` / ``metrics_details.json`` / PR
+    plots (detection), ``map_metrics.json``, ``occupancy_metrics.json``.
+
+    Returns ``{"detection": metrics_summary dict, "map": {...}, "occupancy": {...}}`` (heads present).
+    """
+    from bevkit.eval.score import _jsonable, write_outputs
+
+    split = split or cfg.data.val_split
+    module = _load_for_eval(cfg, ckpt_path, split, collect=False)
+    trainer = _validate(cfg, module, split, progress)
+    out = Path(out_dir) if out_dir is not None else Path(cfg.out) / f"eval-{split}"
+    metrics = {}
+    if "detection" in module.results:
+        result = module.results["detection"]
+        summary = dict(result.summary)
+        summary["meta"] = {"split": split, "checkpoint": None if ckpt_path is None else str(ckpt_path)}
+        metrics["detection"] = summary
+        if trainer.is_global_zero:
+            write_outputs(result, summary, out, plots=plots)
+    for head in ("map", "occupancy"):
+        if head in module.results:
+            metrics[head] = module.results[head]
+            if trainer.is_global_zero:
+                write_text_atomic(out / f"{head}_metrics.json", json.dumps(_jsonable(metrics[head]), indent=2))
+    return metrics
+
+
+def predict(cfg: ExperimentConfig, ckpt_path, out_file, split: str | None = None, progress: bool = True) -> dict:
+    """The official nuScenes detection submission (``meta`` + ``results`` per sample token) for ``split``,
+    written atomically to ``out_file`` on rank 0. Returns the submission dict."""
+    if cfg.model.heads.detection is None:
+        raise ConfigError("predict: the model has no detection head; `bevkit eval` scores map and occupancy")
+    split = split or cfg.data.val_split
+    module = _load_for_eval(cfg, ckpt_path, split, collect=True)
+    trainer = _validate(cfg, module, split, progress)
+    m = cfg.model
+    submission = {"meta": {"use_camera": m.view_transform is not None, "use_lidar": m.lidar is not None,
+                           "use_radar": False, "use_map": False, "use_external": m.backbone.checkpoint is not None},
+                  "results": module.submission}
+    if trainer.is_global_zero:
+        write_text_atomic(Path(out_file), json.dumps(submission))
+    return submission

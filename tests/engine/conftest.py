@@ -1,0 +1,79 @@
+"""Fixtures for the engine tests: a tiny LiDAR experiment on the tiny synthetic world."""
+
+import pytest
+import torch
+import yaml
+
+
+def tiny_experiment(root, out, **train) -> dict:
+    """A PointPillars CenterPoint model small enough to train a few steps in seconds."""
+    return {
+        "model": {
+            "name": "pp-test",
+            "grid": {"xbound": [-25.6, 25.6, 0.8], "ybound": [-25.6, 25.6, 0.8], "zbound": [-5.0, 3.0, 8.0]},
+            "view_transform": None,
+            "lidar": {"channels": 8, "max_voxels": 4000},
+            "bev_encoder": {"channels": [16, 32, 64], "blocks": [1, 1, 1], "out_channels": 16},
+            "heads": {"detection": {"channels": 8}},
+        },
+        "data": {"root": str(root), "train_split": "mini_train", "val_split": "mini_val", "batch_size": 2,
+                 "eval_batch_size": 2, "workers": 0,
+                 "bev_aug": {"rotate": [-10, 10], "scale": [0.95, 1.05], "flip_x": 0.5, "flip_y": 0.5}},
+        "train": {"epochs": 1, "lr": 1e-3, "schedule": {"type": "cyclic"}, "ema": 0.9, "log_every": 1,
+                  "accelerator": "cpu", "devices": 1, **train},
+        "out": str(out),
+    }
+
+
+def write_yaml(path, doc) -> str:
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def index_cache(tmp_path_factory):
+    """A private index cache for the engine tests (and the processes they start)."""
+    path = tmp_path_factory.mktemp("index-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BEVKIT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_root, tmp_path_factory, index_cache):
+    """(config path, checkpoint path) of a tiny model trained for one epoch."""
+    from bevkit.config import load_experiment
+    from bevkit.engine import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    cfg_path = write_yaml(folder / "pp.yaml", tiny_experiment(tiny_root, folder / "run"))
+    torch.set_num_threads(1)
+    train(load_experiment(cfg_path), progress=False)
+    return cfg_path, folder / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def two_scene_root(tiny_root, tmp_path_factory):
+    """The tiny world with an extra split ``both`` holding its two scenes (tables copied, files linked)."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("two-scenes") / "tiny"
+    root.mkdir()
+    for entry in tiny_root.iterdir():
+        if entry.name == "v1.0-mini":
+            shutil.copytree(entry, root / entry.name)
+        else:
+            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    splits = json.loads((root / "v1.0-mini" / "splits.json").read_text())
+    splits["both"] = sorted(splits["mini_train"] + splits["mini_val"])
+    (root / "v1.0-mini" / "splits.json").write_text(json.dumps(splits))
+    return root

@@ -1,0 +1,95 @@
+"""Experiment configs and checkpoints: clear errors, safe loading, a model from a checkpoint alone."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_experiment, write_yaml
+
+from bevkit.config import ConfigError, ExperimentConfig, load_experiment
+from bevkit.engine import CheckpointError, load_model, read_checkpoint
+from bevkit.engine.module import lr_factor
+
+
+def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
+    doc = tiny_experiment(tmp_path, tmp_path / "run")
+    doc["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_experiment(write_yaml(tmp_path / "a.yaml", doc))
+    doc = tiny_experiment(tmp_path, tmp_path / "run")
+    doc["model"]["lidar"]["channels"] = "many"
+    with pytest.raises(ConfigError, match=r"model\.lidar\.channels"):
+        load_experiment(write_yaml(tmp_path / "b.yaml", doc))
+    with pytest.raises(ConfigError, match=r"no such config file"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", tiny_experiment(tmp_path, tmp_path / "run"))
+    cfg = load_experiment(path, ["train.epochs=3", "data.sweeps=2", "model.heads.detection.channels=4"])
+    assert (cfg.train.epochs, cfg.data.sweeps, cfg.model.heads.detection.channels) == (3, 2, 4)
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key"):
+        load_experiment(path, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_experiment(path, ["train.epochs"])
+    # The resolved config round-trips through plain JSON (what checkpoints carry).
+    assert ExperimentConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_every_shipped_preset_validates_as_an_experiment():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_experiment(path)
+
+
+def test_schedules_follow_their_definitions():
+    from bevkit.config import Schedule
+
+    step = Schedule(type="step", milestones=(0.5, 0.75), gamma=0.1, warmup_steps=10, warmup_ratio=0.1)
+    assert lr_factor(0, 100, step) == pytest.approx(0.1)
+    assert lr_factor(5, 100, step) == pytest.approx(0.55)
+    assert lr_factor(40, 100, step) == pytest.approx(1.0)
+    assert lr_factor(60, 100, step) == pytest.approx(0.1)
+    assert lr_factor(80, 100, step) == pytest.approx(0.01)
+    cyc = Schedule(type="cyclic", peak=10.0, up_fraction=0.4, final=1e-4)
+    assert lr_factor(0, 100, cyc) == pytest.approx(1.0)
+    assert lr_factor(40, 100, cyc) == pytest.approx(10.0)
+    assert lr_factor(100, 100, cyc) == pytest.approx(1e-4)
+    values = [lr_factor(s, 100, cyc) for s in range(101)]
+    assert values.index(max(values)) == 40
+    cos = Schedule(type="cosine", final=0.0)
+    assert lr_factor(50, 100, cos) == pytest.approx(0.5)
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_the_model(trained_run, tiny_root):
+    _, ckpt = trained_run
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # no arbitrary unpickling needed
+    assert raw["bevkit"]["config"]["model"]["name"] == "pp-test"
+    assert "ema" in raw and raw["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    cfg, model = load_model(ckpt)
+    assert cfg.model.name == "pp-test" and not model.training
+    # The rebuilt model carries the EMA weights the checkpoint holds.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw["ema"][k]), k
+
+
+def test_truncated_and_foreign_checkpoints_are_named(trained_run, tmp_path):
+    _, ckpt = trained_run
+    data = ckpt.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: not a readable PyTorch checkpoint"):
+        read_checkpoint(cut)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.ckpt: not a bevkit checkpoint"):
+        read_checkpoint(foreign)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.ckpt"):
+        read_checkpoint(text)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "absent.ckpt")
