@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import tiny_experiment, write_yaml
+from engine_helpers import tiny_experiment, write_yaml
 
 from bevkit.cli import main
 from bevkit.eval.score import score

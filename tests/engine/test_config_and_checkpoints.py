@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_experiment, write_yaml
+from engine_helpers import tiny_experiment, write_yaml
 
 from bevkit.config import ConfigError, ExperimentConfig, load_experiment
 from bevkit.engine import CheckpointError, load_model, read_checkpoint

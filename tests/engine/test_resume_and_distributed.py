@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_experiment, write_yaml
+from engine_helpers import tiny_experiment, write_yaml
 from lightning.pytorch.callbacks import Callback
 
 from bevkit.config import load_experiment

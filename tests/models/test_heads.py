@@ -6,7 +6,12 @@ import pytest
 import torch
 from tiny_batch import ATTRIBUTES, BOXES, LABELS
 
-from bevkit.models.config import DetectionHeadConfig, GridConfig, MapHeadConfig, OccupancyHeadConfig
+from bevkit.models.config import (
+    DetectionHeadConfig,
+    GridConfig,
+    MapHeadConfig,
+    OccupancyHeadConfig,
+)
 from bevkit.models.heads import CenterHead, MapSegHead, OccupancyHead
 from bevkit.models.heads.detection import BRANCHES, gaussian_focal_loss, gaussian_radius
 

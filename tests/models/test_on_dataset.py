@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
 from bevkit.config import load_experiment
+from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
 from bevkit.engine.data import data_config
 from bevkit.models import build_model
 

@@ -90,7 +90,9 @@ class HistoryDataset(Dataset):
             prev = self.base.samples[j]["prev"]
             k = self.base.position(prev) if prev else None
             j = j if k is None else k
-            h = dict(item) if j == i else self.base.load(j, aug_key=i)
+            # A stand-in copy of the current frame carries the same keys as a loaded frame (no "filler"),
+            # so that history frames of scene starts and of later samples collate together.
+            h = {key: v for key, v in item.items() if key != "filler"} if j == i else self.base.load(j, aug_key=i)
             frames.append(h)
             m = aug @ inverse(curr) @ h["global_from_ego"].numpy() @ np.linalg.inv(aug)
             transforms.append(m)

@@ -22,6 +22,19 @@ def demo_config(out: Path, data: Path, epochs: int | None = None, overrides=()):
     return experiment_from_dict(apply_overrides(doc, overrides), "demo config")
 
 
+def demo_picks(root, version, split: str, per_scene: int = 2) -> list[str]:
+    """Sample tokens to draw: evenly spaced keyframes of every scene of the split."""
+    from bevkit.data.nuscenes import NuScenesIndex
+
+    index = NuScenesIndex.load(root, version)
+    picks, by_scene = [], {}
+    for s in index.split(split):
+        by_scene.setdefault(s["scene_token"], []).append(s["token"])
+    for tokens in by_scene.values():
+        picks += [tokens[(2 * k + 1) * len(tokens) // (2 * per_scene)] for k in range(per_scene)]
+    return picks
+
+
 def run_demo(out, preset: str = "mini", workers: int | None = None, epochs: int | None = None, overrides=(),
              echo=print) -> dict:
     """Run the whole demo; returns ``{"untrained": summary, "trained": summary}`` (detection metrics).
@@ -58,9 +71,8 @@ def run_demo(out, preset: str = "mini", workers: int | None = None, epochs: int 
     trained = evaluate(cfg, last, split=split)["detection"]
     echo(format_summary(trained))
     sub = predict(cfg, last, run / f"results_{split}.json", split=split, progress=False)
-    tokens = sorted(sub["results"])
-    picks = [tokens[i] for i in (0, len(tokens) // 3, 2 * len(tokens) // 3)] if tokens else []
-    pngs = render_predictions(data, sub["results"], picks, out / "predictions")
+    picks = demo_picks(data, cfg.data.version, split)
+    pngs = render_predictions(data, sub["results"], picks, out / "predictions", score_threshold=0.2)
     echo(f"[demo] 5/5 drew {len(pngs)} samples into {out / 'predictions'}")
     summary = {
         "minutes": round((time.time() - start) / 60, 2), "config": cfg.to_dict(),

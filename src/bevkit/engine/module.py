@@ -12,7 +12,11 @@ from torch import Tensor
 import bevkit
 from bevkit.config import ExperimentConfig, Schedule
 from bevkit.data.nuscenes import NuScenesTables
-from bevkit.eval.evaluator import DetectionEvaluator, boxes_to_results, gather_detections
+from bevkit.eval.evaluator import (
+    DetectionEvaluator,
+    boxes_to_results,
+    gather_detections,
+)
 from bevkit.eval.groundtruth import load_detection_gt
 from bevkit.eval.map_seg import MapIoU
 from bevkit.eval.occupancy import OccupancyMIoU
@@ -46,6 +50,20 @@ def lr_factor(step: int, total: int, s: Schedule) -> float:
     return f * warm
 
 
+def with_history(model, batch: dict) -> dict:
+    """The batch with ``prev_bev`` set: its history frames (``batch["history"]``, if any) encoded by
+    ``model.encode`` without gradient, the state a temporal model reads.
+
+    Shapes:
+        returns: the batch plus prev_bev (B, T-1, C_bev, Y, X), ego frames of the history keyframes
+    """
+    if "history" not in batch:
+        return batch
+    with torch.no_grad():
+        prev = [model.encode(h)[0] for h in batch["history"]]
+    return dict(batch, prev_bev=torch.stack(prev, dim=1))
+
+
 class BEVLitModule(L.LightningModule):
     """Training and evaluation of one ``BEVModel``.
 
@@ -72,11 +90,7 @@ class BEVLitModule(L.LightningModule):
 
     def run(self, batch: dict) -> dict:
         """The model on a collated batch; history frames (if any) are encoded first, without gradient."""
-        if "history" in batch:
-            with torch.no_grad():
-                prev = [self.model.encode(h)[0] for h in batch["history"]]
-            batch = dict(batch, prev_bev=torch.stack(prev, dim=1))
-        return self.model(batch)
+        return self.model(with_history(self.model, batch))
 
     # ---- training --------------------------------------------------------------------------------
 

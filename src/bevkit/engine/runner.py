@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from bevkit.config import ConfigError, ExperimentConfig
-from bevkit.engine.checkpoint import CheckpointError, check_same_model, checkpoint_config, model_state, read_checkpoint
+from bevkit.engine.checkpoint import (
+    CheckpointError,
+    check_same_model,
+    checkpoint_config,
+    model_state,
+    read_checkpoint,
+)
 from bevkit.engine.data import BEVDataModule
 from bevkit.engine.module import BEVLitModule
 
@@ -80,8 +92,8 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
     if fit:
         loggers = [CSVLogger(str(out), name="logs")]  # version_N: a resumed run never overwrites a log
         try:
-            from lightning.pytorch.loggers import TensorBoardLogger
             import tensorboard  # noqa: F401
+            from lightning.pytorch.loggers import TensorBoardLogger
 
             loggers.append(TensorBoardLogger(str(out), name="tb", default_hp_metric=False))
         except ImportError:  # TensorBoard is optional; the CSV log is always written
@@ -162,12 +174,15 @@ def evaluate(cfg: ExperimentConfig, ckpt_path, split: str | None = None, out_dir
 
     split = split or cfg.data.val_split
     module = _load_for_eval(cfg, ckpt_path, split, collect=False)
+    start = time.time()
     trainer = _validate(cfg, module, split, progress)
+    seconds = time.time() - start
     out = Path(out_dir) if out_dir is not None else Path(cfg.out) / f"eval-{split}"
     metrics = {}
     if "detection" in module.results:
         result = module.results["detection"]
         summary = dict(result.summary)
+        summary["eval_time"] = seconds  # inference and metrics, as the devkit's figure covers its own work
         summary["meta"] = {"split": split, "checkpoint": None if ckpt_path is None else str(ckpt_path)}
         metrics["detection"] = summary
         if trainer.is_global_zero:

@@ -87,7 +87,7 @@ def render_predictions(root, results: dict, tokens, out_dir, version: str | None
                                     zorder=2))
         for box, cls, score in zip(pred, classes, scores):
             corners = box_corners(box)[:4, :2]
-            ax.add_patch(MplPolygon(corners, closed=True, fill=False, ec=CLASS_COLOURS[cls], lw=1.0, zorder=3))
+            ax.add_patch(MplPolygon(corners, closed=True, fill=False, ec=CLASS_COLOURS[cls], lw=1.4, zorder=3))
             front = corners[[0, 3]].mean(axis=0)
             ax.plot([box[0], front[0]], [box[1], front[1]], color=CLASS_COLOURS[cls], lw=0.8, zorder=3)
         ax.set_xlim(-bev_range, bev_range)
