@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import typer
+from typer.core import TyperGroup
 
 app = typer.Typer(
     add_completion=False,
@@ -218,6 +219,97 @@ def predict(
         _fail(str(e))
     n = sum(len(v) for v in sub["results"].values())
     typer.echo(f"wrote {out}: {len(sub['results'])} samples, {n} boxes")
+
+
+class _CacheGroup(TyperGroup):
+    """``bevkit cache CONFIG CKPT ...`` is short for ``bevkit cache write CONFIG CKPT ...``; ``verify`` and
+    ``merge`` are the other sub-commands."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["write", *args]
+        return super().parse_args(ctx, args)
+
+
+cache_app = typer.Typer(
+    cls=_CacheGroup, no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+    help="BEV feature cache: `bevkit cache CONFIG CKPT --split S --out DIR` (same as `cache write`), "
+         "`bevkit cache verify DIR`, `bevkit cache merge DIR`. See docs/cache.md.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("write")
+def cache_write(
+    config: Path = typer.Argument(..., help="Experiment YAML the checkpoint was trained with."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.ckpt) written by bevkit train (EMA weights if present)."),
+    out: Path = typer.Option(..., "--out", help="Cache folder (created; an interrupted job resumes into it)."),
+    split: str = typer.Option(None, help="Split to cache (default: the config's data.val_split)."),
+    dtype: str = typer.Option("float16", help="Storage dtype: float16, bfloat16 or float32."),
+    shard: str = typer.Option(None, help="I/N: this process caches shard I (from 0) of N. Default: RANK/WORLD_SIZE "
+                                         "from the environment under torchrun, else 0/1."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Samples per forward (default: data.eval_batch_size); "
+                                                               "keep it when resuming or adding shards."),
+    workers: int = typer.Option(None, help="DataLoader workers (default: data.workers)."),
+    device: str = typer.Option("auto", help="auto (this rank's GPU if any, else CPU), cpu, cuda, cuda:1, ..."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Run a trained model's BEV encoder over a split; store each sample's feature map (safetensors) and a
+    manifest. Resumes: entries already written and verified are skipped. Exit 1 if any sample failed."""
+    _quiet_lightning()
+    from bevkit.cache import CacheError
+    from bevkit.cache.writer import parse_shard, write_cache
+
+    try:
+        where = parse_shard(shard) if shard is not None else None
+        cfg = _experiment(config, set_)
+        rep = write_cache(cfg, ckpt, out, split=split, dtype=dtype, shard=where, batch_size=batch_size,
+                          workers=workers, device=device)
+    except (*_engine_errors(), CacheError) as e:
+        _fail(str(e))
+    typer.echo(rep.summary())
+    for f in rep.failed:
+        typer.echo(f"failed: sample {f['token']} (split index {f['index']}): {f['reason']}", err=True)
+    if rep.manifest is not None:
+        typer.echo(f"wrote {rep.manifest} (every shard done)")
+    else:
+        typer.echo(f"wrote {out}/manifest.shard-{rep.shard[0]}-of-{rep.shard[1]}.json; manifest.json follows "
+                   f"when every shard is done (or run `bevkit cache merge {out}`)")
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    folder: Path = typer.Argument(..., metavar="DIR", help="Cache folder."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Check every entry's checksum against the manifest; exit 1 and list the bad entries if any."""
+    from bevkit.cache import CacheError, verify
+
+    try:
+        rep = verify(folder, progress=progress)
+    except CacheError as e:
+        _fail(str(e))
+    for b in rep.bad:
+        typer.echo(f"bad: {b['file']} (sample {b['token']}): {b['reason']}", err=True)
+    state = "" if rep.complete else " (unfinished: shard manifests only)"
+    typer.echo(f"{rep.manifest}{state}: {rep.checked} entries checked, {len(rep.bad)} bad, "
+               f"{rep.failed_samples} samples recorded as failed")
+    if rep.bad:
+        typer.echo("run the same `bevkit cache` command again to rewrite the bad entries", err=True)
+        raise typer.Exit(1)
+
+
+@cache_app.command("merge")
+def cache_merge(folder: Path = typer.Argument(..., metavar="DIR", help="Cache folder holding shard manifests.")):
+    """Merge the shard manifests of a cache into manifest.json (done automatically by the last shard)."""
+    from bevkit.cache import CacheError, merge
+
+    try:
+        path = merge(folder)
+    except CacheError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
