@@ -105,7 +105,7 @@ class BEVLitModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.cfg.train
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)  # norms and biases take no weight decay
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,89 @@
+"""``bevkit forecast train|eval``: the forecaster on cached BEV features (or the history-only baseline)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from bevkit.config import ExperimentConfig
+from bevkit.data.nuscenes import NuScenesIndex
+from bevkit.engine.runner import write_text_atomic
+from bevkit.forecast.model import Forecaster
+from bevkit.forecast.tracks import FUTURE, HISTORY, build_tracks
+from bevkit.forecast.train import (
+    ForecastDataset,
+    collate_forecast,
+    evaluate_forecaster,
+    load_forecaster,
+    train_forecaster,
+)
+
+
+class CachedFeatureMap(Mapping):
+    """``token -> (C, Y, X)`` over a finished BEV feature cache (memory-mapped entries, no encoder)."""
+
+    def __init__(self, cache_dir, cfg: ExperimentConfig):
+        from bevkit.cache.reader import CachedFeatures
+
+        self.cached = CachedFeatures(cache_dir, cfg, annotations=False)
+        self.split = self.cached.manifest["dataset"]["split"]
+        self.pos = {rec["token"]: k for k, rec in enumerate(self.cached.entries)}
+
+    def __getitem__(self, token):
+        return self.cached[self.pos[token]]["features"]
+
+    def __iter__(self):
+        return iter(self.pos)
+
+    def __len__(self):
+        return len(self.pos)
+
+
+def _dataset(cfg: ExperimentConfig, features: Mapping | None, split: str, history: int, future: int) -> ForecastDataset:
+    index = NuScenesIndex.load(cfg.data.root, cfg.data.version)
+    tracks = build_tracks(index, split, cfg.data.class_map, history=history, future=future)
+    if features is not None:  # agents of samples that failed to cache are left out (the manifest lists them)
+        keep = [tracks.tokens[s] in features for s in tracks.sample]
+        tracks = tracks.take(keep)
+    if len(tracks) == 0:
+        from bevkit.data.nuscenes import DataError
+
+        raise DataError(f"split {split!r} of {cfg.data.root} has no agent with {future} future keyframes")
+    return ForecastDataset(tracks, features)
+
+
+def grid_bounds(cfg: ExperimentConfig) -> tuple[float, float, float, float]:
+    (x0, x1, _), (y0, y1, _) = cfg.model.grid.xbound, cfg.model.grid.ybound
+    return (x0, x1, y0, y1)
+
+
+def forecast_train(cfg: ExperimentConfig, train_cache, val_cache, out, history_only: bool = False, epochs: int = 20,
+                   modes: int = 10, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+                   history: int = HISTORY, future: int = FUTURE, progress: bool = True) -> dict:
+    """Train on the agents of ``train_cache``'s split (features from the cache unless ``history_only``)
+    and evaluate on ``val_cache``'s split. Returns the metrics also written to ``out/metrics.json``."""
+    feats_train = CachedFeatureMap(train_cache, cfg)
+    feats_val = CachedFeatureMap(val_cache, cfg)
+    train_ds = _dataset(cfg, None if history_only else feats_train, feats_train.split, history, future)
+    val_ds = _dataset(cfg, None if history_only else feats_val, feats_val.split, history, future)
+    channels = 0 if history_only else int(feats_train.cached.shape[0])
+    torch.manual_seed(seed)
+    model = Forecaster(modes=modes, bev_channels=channels, bounds=grid_bounds(cfg), history=history, future=future)
+    metrics = train_forecaster(model, train_ds, val_ds, epochs, out, lr=lr, batch_size=batch_size, seed=seed,
+                               progress=progress)
+    metrics["train_agents"], metrics["val_agents"] = len(train_ds.tracks), len(val_ds.tracks)
+    metrics["variant"] = "history-only" if history_only else "bev"
+    write_text_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def forecast_eval(cfg: ExperimentConfig, forecaster_path, cache, batch_size: int = 8, progress: bool = True) -> dict:
+    """minADE / minFDE / miss rate of a trained forecaster on the agents of ``cache``'s split."""
+    model = load_forecaster(forecaster_path)
+    feats = CachedFeatureMap(cache, cfg)
+    ds = _dataset(cfg, feats if model.bev_channels else None, feats.split, model.history_len, model.future)
+    return evaluate_forecaster(model, DataLoader(ds, batch_size=batch_size, collate_fn=collate_forecast), progress)

@@ -1,0 +1,115 @@
+"""Tracks in the agent frame, BEV patch sampling, the forecaster's loss and metrics, checkpoints."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bevkit.data.nuscenes import NuScenesIndex
+from bevkit.forecast.model import (
+    Forecaster,
+    displacement_metrics,
+    patch_points,
+    sample_bev,
+)
+from bevkit.forecast.tracks import build_tracks, to_agent_frame
+from bevkit.forecast.train import (
+    ForecastDataset,
+    collate_forecast,
+    evaluate_forecaster,
+    load_forecaster,
+    save_forecaster,
+    train_forecaster,
+)
+
+
+@pytest.fixture(scope="module")
+def tracks(tiny_root, tmp_path_factory):
+    index = NuScenesIndex.load(tiny_root, cache_dir=tmp_path_factory.mktemp("index"))
+    return index, build_tracks(index, "mini_train", history=2, future=3)
+
+
+def test_tracks_are_the_annotations_in_each_agents_frame(tracks):
+    index, t = tracks
+    assert len(t) > 20
+    assert np.allclose(t.history[:, -1], 0) and t.history_valid[:, -1].all()
+    samples = index.split("mini_train")
+    by_token = {}
+    for i, s in enumerate(samples):
+        for inst, box in zip(s["anns"]["instance"], s["anns"]["boxes"]):
+            g = np.array(s["global_from_ego"])
+            by_token[(i, inst)] = (g[:2, :2] @ np.array(box[:2]) + g[:2, 3], box[6] + math.atan2(g[1, 0], g[0, 0]))
+    for a in range(0, len(t), 7):
+        i, inst = int(t.sample[a]), t.instance[a]
+        origin, yaw = by_token[(i, inst)]
+        for k in range(3):  # the k+1-th next keyframe of the same scene holds the k-th future point
+            nxt, _ = by_token[(i + k + 1, inst)]
+            assert np.allclose(to_agent_frame(nxt, origin, yaw), t.future[a, k], atol=1e-3)
+        assert np.allclose(t.pose[a, :2], samples[i]["anns"]["boxes"][samples[i]["anns"]["instance"].index(inst)][:2],
+                           atol=1e-4)
+
+
+def test_patch_points_and_bev_sampling_are_exact():
+    pose = torch.tensor([[10.0, 5.0, math.pi / 2]])
+    pts = patch_points(pose, (0.0, 2.0, -1.0, 1.0), (2, 2))  # agent-frame cell centres (0.5|1.5, -0.5|0.5)
+    # agent x (ahead) is ego +y, agent y (left) is ego -x
+    assert torch.allclose(pts[0, 0, 0], torch.tensor([10.5, 5.5]), atol=1e-6)
+    assert torch.allclose(pts[0, 1, 1], torch.tensor([9.5, 6.5]), atol=1e-6)
+    # A map whose value is the ego x of each cell centre: bilinear samples give the point's x exactly.
+    xs = -51.2 + (torch.arange(128) + 0.5) * 0.8
+    bev = torch.stack([xs.view(1, 128).expand(128, 128), xs.view(128, 1).expand(128, 128)]).unsqueeze(0)
+    bev = torch.cat([bev, 2 * bev])  # two samples
+    pts = torch.tensor([[[[3.3, -7.1], [20.0, 0.45]]], [[[-30.2, 12.9], [0.0, 0.0]]]])
+    out = sample_bev(bev, torch.tensor([0, 1]), pts, (-51.2, 51.2, -51.2, 51.2))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([3.3, -7.1]), atol=1e-4)
+    assert torch.allclose(out[1, :, 0, 0], 2 * torch.tensor([-30.2, 12.9]), atol=1e-4)
+    outside = sample_bev(bev[:1], torch.tensor([0]), torch.tensor([[[[80.0, 0.0]]]]), (-51.2, 51.2, -51.2, 51.2))
+    assert float(outside.abs().max()) == 0.0
+
+
+def test_displacement_metrics_by_hand():
+    fut = torch.zeros(1, 3, 2)
+    traj = torch.zeros(1, 3, 3, 2)
+    traj[0, 0, :, 0] = 3.0  # best scored, 3 m off everywhere
+    traj[0, 1, :, 0] = torch.tensor([0.0, 0.0, 1.0])  # second, 1 m off at the end
+    traj[0, 2, :, 0] = 10.0
+    out = {"trajectories": traj, "logits": torch.tensor([[3.0, 2.0, 1.0]])}
+    m = displacement_metrics(out, fut, ks=(1, 2))
+    assert m["minADE_1"] == pytest.approx(3.0) and m["minFDE_1"] == pytest.approx(3.0) and m["MR_1"] == 1
+    assert m["minADE_2"] == pytest.approx(1 / 3) and m["minFDE_2"] == pytest.approx(1.0) and m["MR_2"] == 0
+
+
+def test_forecaster_learns_and_round_trips(tracks, tmp_path):
+    torch.set_num_threads(1)
+    _, t = tracks
+    # A BEV map per sample whose channels are a function of position: enough for the patch branch to run.
+    feats = {tok: torch.randn(4, 16, 16) for tok in t.tokens}
+    ds = ForecastDataset(t, feats)
+    model = Forecaster(modes=3, bev_channels=4, bounds=(-51.2, 51.2, -51.2, 51.2), history=2, future=3, hidden=32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate_forecast)
+    with torch.no_grad():
+        model(collate_forecast([ds[0]]))
+    before = evaluate_forecaster(model, loader)["all"]["minADE_5"]
+    metrics = train_forecaster(model, ds, ds, epochs=30, out_dir=tmp_path, lr=3e-3, batch_size=4, progress=False)
+    after = metrics["val"]["all"]["minADE_5"]
+    assert after < 0.5 * before, (before, after)
+    loaded = load_forecaster(tmp_path / "forecaster.pt")
+    batch = collate_forecast([ds[0], ds[1]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(batch)["trajectories"], loaded(batch)["trajectories"])
+    raw = torch.load(tmp_path / "forecaster.pt", weights_only=True)
+    assert raw["config"]["bev_channels"] == 4
+
+
+def test_history_only_baseline_needs_no_features(tracks, tmp_path):
+    _, t = tracks
+    ds = ForecastDataset(t)
+    model = Forecaster(modes=2, history=2, future=3, hidden=16)
+    batch = collate_forecast([ds[0], ds[1]])
+    assert "bev" not in batch
+    out = model(batch)
+    assert out["trajectories"].shape == (len(batch["label"]), 2, 3, 2)
+    save_forecaster(model, tmp_path / "f.pt")
+    assert load_forecaster(tmp_path / "f.pt").bev_channels == 0
