@@ -154,6 +154,7 @@ def train(
     config: Path = typer.Argument(..., help="Experiment YAML (configs/*.yaml)."),
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
     resume: bool = typer.Option(False, help="Continue from <out>/checkpoints/last.ckpt (same model config)."),
+    overwrite: bool = typer.Option(False, help="Start afresh in a run folder that already holds checkpoints."),
 ):
     """Train a model: devices, precision, DDP, checkpoints and logs as the config's train section says."""
     _quiet_lightning()
@@ -161,7 +162,9 @@ def train(
 
     try:
         cfg = _experiment(config, set_)
-        out = run_train(cfg, resume=resume)
+        if resume and overwrite:
+            _fail("--resume continues a run and --overwrite replaces it: give one of them")
+        out = run_train(cfg, resume=resume, overwrite=overwrite)
     except _engine_errors() as e:
         _fail(str(e))
     typer.echo(f"run folder: {out} (checkpoints in {out / 'checkpoints'}, logs in {out / 'logs'})")

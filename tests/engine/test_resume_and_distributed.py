@@ -54,6 +54,43 @@ def test_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tiny_root, tmp_p
         assert torch.equal(ea[k], eb[k]), k
 
 
+def test_epoch_checkpoints_resume_without_step_checkpoints(tiny_root, tmp_path, index_cache):
+    # The default: last.ckpt at every epoch end only. Interrupted at the start of the third epoch, the
+    # run resumes from the end of the second and ends where an uninterrupted run ends.
+    common = dict(epochs=3, deterministic=True, val_every=100)
+    straight = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(tiny_root, tmp_path / "a", **common)))
+    train(straight, progress=False)
+    broken = load_experiment(write_yaml(tmp_path / "b.yaml", tiny_experiment(tiny_root, tmp_path / "b", **common)))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(broken, progress=False, callbacks=[Interrupt(at=7)])  # 3 steps per epoch: mid third epoch
+    assert weights(tmp_path / "b")[2] == 6
+    assert not list((tmp_path / "b" / "checkpoints").glob("last-v*.ckpt"))
+    train(broken, resume=True, progress=False)
+    sa, ea, na = weights(tmp_path / "a")
+    sb, eb, nb = weights(tmp_path / "b")
+    assert na == nb == 9
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_a_used_run_folder_is_refused_and_a_changed_layout_is_not_resumed(tiny_root, tmp_path, index_cache):
+    from bevkit.config import ConfigError
+
+    doc = tiny_experiment(tiny_root, tmp_path / "run", max_steps=2, val_every=100)
+    cfg = load_experiment(write_yaml(tmp_path / "a.yaml", doc))
+    train(cfg, progress=False)
+    first = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(cfg, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == first  # nothing was touched
+    # a mid-epoch position saved with batch size 2 cannot be mapped onto batches of 3
+    doc["data"]["batch_size"] = 3
+    doc["train"]["max_steps"] = 4
+    with pytest.raises(ConfigError, match="batch_size 2 -> 3"):
+        train(load_experiment(write_yaml(tmp_path / "b.yaml", doc)), resume=True, progress=False)
+    train(cfg, overwrite=True, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_scene_sampler_covers_the_split_once_with_whole_scenes():
     scenes = ["a"] * 5 + ["b"] * 3 + ["c"] * 7 + ["d"] * 1 + ["e"] * 4
     for world in (1, 2, 3, 4, 5, 7):

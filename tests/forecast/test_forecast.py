@@ -46,8 +46,15 @@ def test_tracks_are_the_annotations_in_each_agents_frame(tracks):
         for k in range(3):  # the k+1-th next keyframe of the same scene holds the k-th future point
             nxt, _ = by_token[(i + k + 1, inst)]
             assert np.allclose(to_agent_frame(nxt, origin, yaw), t.future[a, k], atol=1e-3)
-        assert np.allclose(t.pose[a, :2], samples[i]["anns"]["boxes"][samples[i]["anns"]["instance"].index(inst)][:2],
-                           atol=1e-4)
+        for k in range(2):  # history rows are the 2nd and 1st previous keyframes, oldest first, masked if absent
+            prev = by_token.get((i - 2 + k, inst))
+            if prev is not None and samples[i - 2 + k]["scene_token"] == samples[i]["scene_token"]:
+                assert t.history_valid[a, k]
+                assert np.allclose(to_agent_frame(prev[0], origin, yaw), t.history[a, k], atol=1e-3)
+            else:
+                assert not t.history_valid[a, k] and np.allclose(t.history[a, k], 0)
+        box = samples[i]["anns"]["boxes"][samples[i]["anns"]["instance"].index(inst)]
+        assert np.allclose(t.pose[a], [box[0], box[1], box[6]], atol=1e-4)
 
 
 def test_patch_points_and_bev_sampling_are_exact():
@@ -83,7 +90,7 @@ def test_displacement_metrics_by_hand():
 def test_forecaster_learns_and_round_trips(tracks, tmp_path):
     torch.set_num_threads(1)
     _, t = tracks
-    # A BEV map per sample whose channels are a function of position: enough for the patch branch to run.
+    # Random BEV maps (the patch branch runs, but carries no signal): the history branch must learn.
     feats = {tok: torch.randn(4, 16, 16) for tok in t.tokens}
     ds = ForecastDataset(t, feats)
     model = Forecaster(modes=3, bev_channels=4, bounds=(-51.2, 51.2, -51.2, 51.2), history=2, future=3, hidden=32)
@@ -101,6 +108,34 @@ def test_forecaster_learns_and_round_trips(tracks, tmp_path):
         assert torch.equal(model(batch)["trajectories"], loaded(batch)["trajectories"])
     raw = torch.load(tmp_path / "forecaster.pt", weights_only=True)
     assert raw["config"]["bev_channels"] == 4
+
+
+def test_mirroring_an_agent_mirrors_its_patch():
+    from bevkit.forecast.train import mirror_agents
+
+    torch.manual_seed(0)
+    model = Forecaster(modes=2, bev_channels=1, history=2, future=3, hidden=8, extent=(-4.0, 4.0, -4.0, 4.0),
+                       cells=(4, 4)).eval()
+    # A map whose value is ego y: in the frame of an agent at the origin facing +x, row r of its patch
+    # sits at y = -3, -1, 1, 3; mirrored, the rows come in the opposite order.
+    ys = -51.2 + (torch.arange(128) + 0.5) * 0.8
+    bev = ys.view(1, 1, 128, 1).expand(1, 1, 128, 128).contiguous()
+    seen = []
+    model.patch.register_forward_hook(lambda m, i, o: seen.append(i[0][:, 0, :, 0].clone()))
+    batch = {"history": torch.zeros(2, 3, 2), "history_valid": torch.ones(2, 3, dtype=torch.bool),
+             "label": torch.zeros(2, dtype=torch.long), "future": torch.ones(2, 3, 2), "bev": bev,
+             "agent_sample": torch.zeros(2, dtype=torch.long), "pose": torch.zeros(2, 3)}
+    flipped = mirror_agents(batch, torch.Generator().manual_seed(0))  # one of the two mirrored
+    with torch.no_grad():
+        model(flipped)
+    rows = seen[0]
+    for a in range(2):
+        want = torch.tensor([-3.0, -1.0, 1.0, 3.0])
+        want = -want if flipped["mirror"][a] else want
+        assert torch.allclose(rows[a], want, atol=1e-4)
+        sign = -1.0 if flipped["mirror"][a] else 1.0
+        assert torch.equal(flipped["future"][a, :, 1], sign * batch["future"][a, :, 1])
+    assert flipped["mirror"].any() and not flipped["mirror"].all()
 
 
 def test_history_only_baseline_needs_no_features(tracks, tmp_path):

@@ -199,9 +199,18 @@ class ResumableLoader(DataLoader):
         self.consumed = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self.sampler.epoch), "consumed": int(self.consumed)}
+        return {"epoch": int(self.sampler.epoch), "consumed": int(self.consumed), "batch_size": int(self.batch_size),
+                "world": int(self.sampler.world), "samples": len(self.sampler.scenes)}
 
     def load_state_dict(self, state: dict) -> None:
+        now = {"batch_size": self.batch_size, "world": self.sampler.world, "samples": len(self.sampler.scenes)}
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
+        if changed:  # the saved position counts batches of the old layout: it cannot be mapped exactly
+            from bevkit.config import ConfigError
+
+            raise ConfigError("resume: the checkpoint's position in the epoch was saved with another data layout ("
+                              + ", ".join(changed) + "); resume with the same data.batch_size, number of "
+                              "processes and split, or start a new run")
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if consumed >= len(self):  # saved at the end of an epoch: the next one starts afresh
             epoch, consumed = epoch + 1, 0

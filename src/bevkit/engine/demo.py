@@ -64,7 +64,7 @@ def run_demo(out, preset: str = "mini", workers: int | None = None, epochs: int 
     split = cfg.data.val_split
     echo(f"[demo] 3/5 training {cfg.model.name} on {cfg.data.train_split} for {cfg.train.epochs} epochs "
          f"into {cfg.out}")
-    run = train(cfg)
+    run = train(cfg, overwrite=True)  # the demo owns its run folder: a rerun retrains from scratch
     last = run / "checkpoints" / "last.ckpt"
     echo(f"[demo] 4/5 evaluating on {split}: untrained, then trained")
     untrained = evaluate(cfg, None, split=split, out_dir=out / "untrained", plots=False)["detection"]

@@ -142,6 +142,9 @@ class BEVLitModule(L.LightningModule):
         if self.ema is None:
             self.ema = {k: v.detach().clone() for k, v in state.items()}
             return
+        first = next(iter(state.values()))
+        if next(iter(self.ema.values())).device != first.device:  # restored from a checkpoint on the CPU
+            self.ema = {k: v.to(first.device) for k, v in self.ema.items()}
         # MEGVII's ramp (as BEVDet): the decay grows with the step count, so early averages are not stale.
         step = self.global_step
         d = self.cfg.train.ema * (1 - math.exp(-step / 2000.0)) if step < 20000 else self.cfg.train.ema

@@ -4,6 +4,7 @@ Run folder layout (``cfg.out``)::
 
     config.yaml                    the resolved config (also inside every checkpoint)
     checkpoints/last.ckpt          refreshed every epoch (and every ``checkpoint_every`` steps)
+                                   (a folder with checkpoints is refused unless resume or overwrite)
     checkpoints/best-*.ckpt        best on the head's metric (NDS, map mIoU or occupancy mIoU)
     checkpoints/step*.ckpt         every ``checkpoint_every`` optimizer steps, if set
     logs/metrics.csv, tb/          CSV and TensorBoard logs
@@ -71,6 +72,27 @@ class ConsumedBatches(Callback):
             loader.consumed = batch_idx + 1
 
 
+class LastCheckpoint(Callback):
+    """Keeps ``last.ckpt`` current: at the end of every training epoch and, with ``every_n_steps``,
+    after every N optimizer steps (mid-epoch, for ``--resume``). Written through the trainer, so on
+    rank 0 only and atomically (``AtomicCheckpointIO``). Must come after ``ConsumedBatches``."""
+
+    def __init__(self, path: Path, every_n_steps: int = 0):
+        self.path = Path(path)
+        self.every = every_n_steps
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # with gradient accumulation the step count stays put for several batches: save once per step
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(str(self.path))
+            self._saved_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(str(self.path))
+        self._saved_step = trainer.global_step
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -85,7 +107,8 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
         raise ConfigError("train.precision: 16-mixed needs a CUDA device; use bf16 or 32 on the CPU")
     if t.threads:
         torch.set_num_threads(t.threads)
-    cbs = list(callbacks)
+    cbs = [ConsumedBatches()] if fit else []  # first: the loader position is set before any checkpoint
+    cbs += list(callbacks)
     if progress:
         cbs.append(TQDMProgressBar(refresh_rate=1))
     loggers = False
@@ -99,7 +122,6 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
         except ImportError:  # TensorBoard is optional; the CSV log is always written
             pass
         cbs.append(LearningRateMonitor(logging_interval="step"))
-        cbs.append(ConsumedBatches())
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=PRECISION[t.precision], max_epochs=t.epochs if t.epochs > 0 else -1, max_steps=t.max_steps,
@@ -110,10 +132,14 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
         plugins=[AtomicCheckpointIO()])
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, callbacks=()) -> Path:
+def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          callbacks=()) -> Path:
     """Train a config into ``cfg.out``; with ``resume``, continue from ``checkpoints/last.ckpt``.
 
-    Returns the run folder. The resolved config is written to ``config.yaml`` and into every checkpoint.
+    A run folder that already holds checkpoints is refused unless ``resume`` (continue it) or
+    ``overwrite`` (start afresh; its checkpoints are replaced as the new run writes them) is given, so
+    that a second run never silently mixes with or replaces the first. Returns the run folder. The
+    resolved config is written to ``config.yaml`` and into every checkpoint.
     """
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
@@ -125,15 +151,20 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, ca
         saved = checkpoint_config(last)
         check_same_model(cfg, saved, last)
         ckpt_path = str(last)
+    elif not overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+        raise ConfigError(f"{out}: the run folder already holds checkpoints; pass --resume to continue that run, "
+                          f"--overwrite to start afresh there, or choose another out")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = BEVLitModule(cfg)
     dm = BEVDataModule(cfg)
-    monitor = module.monitor()
-    cbs = [ModelCheckpoint(dirpath=str(ckpt_dir), monitor=monitor, mode="max", save_top_k=1,
-                           filename="best-epoch{epoch:03d}", auto_insert_metric_name=False),
-           ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=-1 if cfg.train.checkpoint_every else 0,
-                           every_n_train_steps=cfg.train.checkpoint_every or None,
-                           filename="step{step:07d}", auto_insert_metric_name=False)]
+    cbs = [LastCheckpoint(last, cfg.train.checkpoint_every),
+           ModelCheckpoint(dirpath=str(ckpt_dir), monitor=module.monitor(), mode="max", save_top_k=1,
+                           filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                           enable_version_counter=False)]
+    if cfg.train.checkpoint_every:
+        cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_top_k=-1, every_n_train_steps=cfg.train.checkpoint_every,
+                                   filename="step{step:07d}", auto_insert_metric_name=False,
+                                   enable_version_counter=False))
     trainer = make_trainer(cfg, out, fit=True, callbacks=[*cbs, *callbacks], progress=progress)
     if trainer.is_global_zero:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

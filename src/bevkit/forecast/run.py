@@ -85,5 +85,12 @@ def forecast_eval(cfg: ExperimentConfig, forecaster_path, cache, batch_size: int
     """minADE / minFDE / miss rate of a trained forecaster on the agents of ``cache``'s split."""
     model = load_forecaster(forecaster_path)
     feats = CachedFeatureMap(cache, cfg)
+    if model.bev_channels:
+        from bevkit.engine.checkpoint import CheckpointError
+
+        channels, bounds = int(feats.cached.shape[0]), tuple(float(b) for b in grid_bounds(cfg))
+        if model.bev_channels != channels or tuple(float(b) for b in model.bounds) != bounds:
+            raise CheckpointError(f"{forecaster_path}: trained on {model.bev_channels}-channel features over grid "
+                                  f"bounds {model.bounds}, but the cache holds {channels} channels over {bounds}")
     ds = _dataset(cfg, feats if model.bev_channels else None, feats.split, model.history_len, model.future)
     return evaluate_forecaster(model, DataLoader(ds, batch_size=batch_size, collate_fn=collate_forecast), progress)

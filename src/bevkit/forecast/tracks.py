@@ -125,7 +125,8 @@ def turning(tracks: AgentTracks, degrees: float = 30.0) -> np.ndarray:
 
     The final heading is that of the last future displacement (agent frame). Shapes: returns (A,) bool.
     """
-    d = tracks.future[:, -1] - tracks.future[:, -3]
+    k = min(3, tracks.future.shape[1])  # the last two steps (fewer with a shorter horizon)
+    d = tracks.future[:, -1] - tracks.future[:, -k]
     moving = np.linalg.norm(d, axis=1) > 0.5
     heading = np.degrees(np.abs(np.arctan2(d[:, 1], d[:, 0])))
     return moving & (heading > degrees)

@@ -198,9 +198,13 @@ def load_forecaster(path) -> Forecaster:
         raise CheckpointError(f"{path}: not a readable forecaster checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("schema") != FORECAST_SCHEMA:
         raise CheckpointError(f"{path}: not a bevkit forecaster checkpoint")
-    model = build_forecaster(ckpt["config"])
-    if model.bev_channels:
-        with torch.no_grad():  # materialise the lazy layer before loading
-            model.patch(torch.zeros(1, model.bev_channels, *model.cells))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build_forecaster(ckpt["config"])
+        if model.bev_channels:
+            with torch.no_grad():  # materialise the lazy layer before loading
+                model.patch(torch.zeros(1, model.bev_channels, *model.cells))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: forecaster config or weights do not fit this bevkit: {first}") from None
     return model.eval()
