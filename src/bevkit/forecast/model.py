@@ -62,8 +62,8 @@ class Forecaster(nn.Module):
     """
 
     def __init__(self, modes: int = 10, bev_channels: int = 0, bounds=(-51.2, 51.2, -51.2, 51.2),
-                 extent=(-10.0, 50.0, -25.0, 25.0), cells=(10, 12), hidden: int = 128, history: int = HISTORY,
-                 future: int = FUTURE, dropout: float = 0.0, pool: int = 1):
+                 extent=(-10.0, 40.0, -20.0, 20.0), cells=(16, 20), hidden: int = 128, history: int = HISTORY,
+                 future: int = FUTURE, dropout: float = 0.3, pool: int = 3):
         super().__init__()
         self.modes = modes
         self.history_len = history
@@ -84,6 +84,9 @@ class Forecaster(nn.Module):
                 nn.Conv2d(bev_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                 nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                 nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Dropout(dropout))
+            # The BEV branch enters through a gate that starts closed: training begins as the
+            # history-only model and opens it only as far as the scene helps.
+            self.gate = nn.Parameter(torch.zeros(1))
             width += hidden
         self.decoder = nn.Sequential(nn.Linear(width, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, 2 * hidden),
                                      nn.ReLU(), nn.Linear(2 * hidden, modes * (future * 2 + 1)))
@@ -107,7 +110,7 @@ class Forecaster(nn.Module):
             feats = sample_bev(bev, batch["agent_sample"], pts, self.bounds)
             if "mirror" in batch:  # agents mirrored about their x axis (training augmentation)
                 feats = torch.where(batch["mirror"].view(-1, 1, 1, 1), feats.flip(2), feats)
-            parts.append(self.patch(feats))
+            parts.append(self.gate * self.patch(feats))
         f = self.future
         out = self.decoder(torch.cat(parts, dim=1)).view(-1, self.modes, f * 2 + 1)
         traj = out[..., : f * 2].view(-1, self.modes, f, 2).cumsum(dim=2)  # steps -> positions
