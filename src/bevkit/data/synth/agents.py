@@ -256,6 +256,9 @@ def _loop_path(corners: np.ndarray, start_edge: int, start_frac: float, directio
         ln = float(np.linalg.norm(d))
         h = float(np.arctan2(d[1], d[0]))
         s0 = max(r, start_frac * ln) if first else r
+        # A start closer to the corner than the turn needs moves back to leave the turn its radius (the
+        # only starts this changes are those that used to overshoot the corner and fail).
+        s0 = min(s0, ln - r - 0.01)
         first = False
         p0 = a + d / ln * s0
         seg = Piece(float(p0[0]), float(p0[1]), h, max(ln - r - s0, 0.01))
