@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bevkit
+from bevkit.atomic import write_text_atomic
 from bevkit.cache.entry import EntryError, verify_entry
 from bevkit.config import ExperimentConfig
 
@@ -117,18 +117,8 @@ def shard_file(out: Path, shard: int, shards: int) -> Path:
 
 
 def write_json_atomic(path: Path, doc: dict) -> None:
-    """Write JSON to a temporary name in the same folder, fsync, rename: the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """JSON (indent 1, final newline) written atomically: the old file or the new one."""
+    write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
 def read_json(path: Path) -> dict:

@@ -45,8 +45,9 @@ def run_demo(out, preset: str = "mini", workers: int | None = None, epochs: int 
     for the untrained model), ``predictions/`` (PNGs of predictions against ground truth) and
     ``demo_summary.json``.
     """
+    from bevkit.atomic import write_text_atomic
     from bevkit.data.synth import generate
-    from bevkit.engine.runner import evaluate, predict, train, write_text_atomic
+    from bevkit.engine.runner import evaluate, predict, train
     from bevkit.eval.score import format_summary
     from bevkit.viz.predictions import render_predictions
     from bevkit.viz.preview import render_preview

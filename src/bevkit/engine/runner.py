@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from bevkit.atomic import write_text_atomic
 from bevkit.config import ConfigError, ExperimentConfig
 from bevkit.engine.checkpoint import (
     CheckpointError,
@@ -91,13 +92,6 @@ class LastCheckpoint(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(str(self.path))
         self._saved_step = trainer.global_step
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), progress: bool = True) -> L.Trainer:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bevkit.atomic import write_text_atomic
 from bevkit.data.nuscenes import NuScenesTables
 from bevkit.eval.detection import CLASSES, DETECTION_CVPR_2019, TP_METRICS, DetectionResult, evaluate_boxes
 from bevkit.eval.groundtruth import load_detection_gt, split_scenes
@@ -57,27 +58,23 @@ def _jsonable(x):
     return x
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(result: DetectionResult, summary: dict, out_dir, plots: bool = True) -> None:
     """``metrics_summary.json``, ``metrics_details.json`` and, if ``plots``, the PR curves under ``plots/``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # NaN is written as the devkit's json.dump writes it (NaN), so files compare equal.
-    _write_atomic(out / "metrics_summary.json", json.dumps(_jsonable(summary), indent=2))
+    write_text_atomic(out / "metrics_summary.json", json.dumps(_jsonable(summary), indent=2))
     details = {f"{c}:{th}": _jsonable(md) for (c, th), md in result.curves.items()}
-    _write_atomic(out / "metrics_details.json", json.dumps(details, indent=2))
+    write_text_atomic(out / "metrics_details.json", json.dumps(details, indent=2))
     if plots:
         plot_pr_curves(result, summary, out / "plots")
 
 
 def plot_pr_curves(result: DetectionResult, summary: dict, plot_dir) -> list:
     """One PNG per class (precision-recall at each matching threshold) and one per threshold (all classes)."""
-    from matplotlib.figure import Figure    # no pyplot: leaves the caller's backend and figures alone
+    from matplotlib.figure import (
+        Figure,  # no pyplot: leaves the caller's backend and figures alone
+    )
 
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)

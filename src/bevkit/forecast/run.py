@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from bevkit.config import ExperimentConfig
 from bevkit.data.nuscenes import NuScenesIndex
-from bevkit.engine.runner import write_text_atomic
 from bevkit.forecast.model import Forecaster
 from bevkit.forecast.tracks import FUTURE, HISTORY, build_tracks
 from bevkit.forecast.train import (
@@ -73,12 +70,10 @@ def forecast_train(cfg: ExperimentConfig, train_cache, val_cache, out, history_o
     channels = 0 if history_only else int(feats_train.cached.shape[0])
     torch.manual_seed(seed)
     model = Forecaster(modes=modes, bev_channels=channels, bounds=grid_bounds(cfg), history=history, future=future)
-    metrics = train_forecaster(model, train_ds, val_ds, epochs, out, lr=lr, batch_size=batch_size, seed=seed,
-                               progress=progress)
-    metrics["train_agents"], metrics["val_agents"] = len(train_ds.tracks), len(val_ds.tracks)
-    metrics["variant"] = "history-only" if history_only else "bev"
-    write_text_atomic(Path(out) / "metrics.json", json.dumps(metrics, indent=1))
-    return metrics
+    info = {"train_agents": len(train_ds.tracks), "val_agents": len(val_ds.tracks),
+            "variant": "history-only" if history_only else "bev"}
+    return train_forecaster(model, train_ds, val_ds, epochs, out, lr=lr, batch_size=batch_size, seed=seed,
+                            progress=progress, info=info)
 
 
 def forecast_eval(cfg: ExperimentConfig, forecaster_path, cache, batch_size: int = 8, progress: bool = True) -> dict:

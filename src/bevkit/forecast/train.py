@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from bevkit.atomic import write_text_atomic
 from bevkit.forecast.model import Forecaster, displacement_metrics
 from bevkit.forecast.tracks import AgentTracks, turning
 
@@ -128,9 +129,10 @@ def evaluate_forecaster(model: Forecaster, loader: DataLoader, progress: bool = 
 
 def train_forecaster(model: Forecaster, train_ds: ForecastDataset, val_ds: ForecastDataset | None, epochs: int,
                      out_dir, lr: float = 1e-3, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                     workers: int = 0, mirror: bool = True) -> dict:
+                     workers: int = 0, mirror: bool = True, info: dict | None = None) -> dict:
     """AdamW with cosine decay; writes ``forecaster.pt`` (weights-only loadable) and ``metrics.json`` to
-    ``out_dir``. Returns {"val": metrics, "step_seconds": mean seconds per step, "peak_rss_mb": ...}."""
+    ``out_dir`` (with ``info`` added to the metrics). Returns {"val": metrics, "step_seconds": mean seconds
+    per step, **info}."""
     torch.manual_seed(seed)
     # Mirroring flips the BEV patch's rows, which is the mirror image only for a patch centred on the agent.
     mirror = mirror and (not model.bev_channels or abs(model.extent[2] + model.extent[3]) < 1e-9)
@@ -166,10 +168,9 @@ def train_forecaster(model: Forecaster, train_ds: ForecastDataset, val_ds: Forec
     if val_ds is not None:
         metrics["val"] = evaluate_forecaster(model, DataLoader(val_ds, batch_size=batch_size,
                                                                collate_fn=collate_forecast), progress)
+    metrics.update(info or {})
     save_forecaster(model, out_dir / "forecaster.pt")
-    tmp = out_dir / f".metrics.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 
