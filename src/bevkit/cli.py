@@ -104,6 +104,9 @@ def score(
     version: str = typer.Option(None, help="Version folder (default: the only one under --data)."),
     split: str = typer.Option("val", help="Split whose samples the results cover (val, mini_val, ...)."),
     out: Path = typer.Option(None, help="Folder for metrics_summary.json, metrics_details.json and PR curves."),
+    max_range: float = typer.Option(None, "--max-range", min=0.01,
+                                    help="Cap every class range at this distance in m (not the benchmark; "
+                                         "for models with a small BEV grid)."),
 ):
     """Score a detection results file from any tool with the nuScenes detection metrics (mAP, NDS)."""
     from bevkit.data.nuscenes import DataError
@@ -114,7 +117,7 @@ def score(
     if not results.is_file():
         _fail(f"{results}: no such results file")
     try:
-        summary = run_score(results, data, version, split, out)
+        summary = run_score(results, data, version, split, out, max_range=max_range)
     except (ResultsError, DataError) as e:
         _fail(str(e))
     typer.echo(format_summary(summary))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bevkit.data.augment import BEVAugConfig, ImageAugConfig
 from bevkit.data.nuscenes import CAMERAS
@@ -140,12 +140,21 @@ class TrainSection(_Frozen):
         return self
 
 
+class EvalSection(_Frozen):
+    """How validation and ``bevkit eval`` score detections. ``max_range`` (m) caps every class range of
+    ``detection_cvpr_2019`` for a model whose BEV grid is smaller than the benchmark's 30-50 m (the
+    small synthetic presets); None, the default, is the benchmark as defined."""
+
+    max_range: float | None = Field(default=None, gt=0)
+
+
 class ExperimentConfig(_Frozen):
     """Everything a run needs; ``out`` is the run folder (relative to the working directory)."""
 
     model: ModelConfig = ModelConfig()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
     out: str = "runs/default"
 
     def to_dict(self) -> dict:

@@ -32,6 +32,9 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_experiment(path, ["train.epoch=3"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_experiment(path, ["train.epochs"])
+    assert load_experiment(path, ["eval.max_range=12.8"]).eval.max_range == 12.8
+    with pytest.raises(ConfigError, match=r"eval\.max_range"):
+        load_experiment(path, ["eval.max_range=-1"])
     # The resolved config round-trips through plain JSON (what checkpoints carry).
     assert ExperimentConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
 

@@ -28,12 +28,15 @@ def flatten(summary: dict) -> dict:
     return out
 
 
-def devkit_summary(nusc, path, out_dir):
+def devkit_summary(nusc, path, out_dir, class_range=None):
     from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.data_classes import DetectionConfig
     from nuscenes.eval.detection.evaluate import DetectionEval
 
-    ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), str(path), "mini_val", str(out_dir),
-                       verbose=False)
+    cfg = config_factory("detection_cvpr_2019")
+    if class_range is not None:  # the devkit's own way to change ranges: a config with other class_range
+        cfg = DetectionConfig.deserialize({**cfg.serialize(), "class_range": class_range})
+    ev = DetectionEval(nusc, cfg, str(path), "mini_val", str(out_dir), verbose=False)
     metrics, _ = ev.evaluate()
     return json.loads(json.dumps(metrics.serialize()))
 
@@ -57,6 +60,22 @@ def test_every_figure_matches_the_devkit(kind, nusc, tables, tiny_root, tmp_path
     # The case is informative: not all-perfect, not all-zero (except random boxes, which match nothing).
     if kind != "random":
         assert 0.05 < ref["mean_ap"] and ref["nd_score"] < 0.999
+
+
+def test_capped_class_ranges_match_the_devkit_with_those_ranges(nusc, tables, tiny_root, tmp_path):
+    from bevkit.eval.detection import DETECTION_CVPR_2019
+
+    results = make_results(tables, "mini_val", "mixed", seed=4)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    capped = {c: min(r, 15.0) for c, r in DETECTION_CVPR_2019["class_range"].items()}
+    ref = devkit_summary(nusc, path, tmp_path / "devkit", class_range=capped)
+    ours = score(path, tiny_root, "v1.0-mini", "mini_val", None, max_range=15.0)
+    assert_same(ours, ref)
+    assert ours["cfg"]["class_range"] == capped
+    # The cap changes the figures (so the check above is not the uncapped benchmark twice).
+    full = score(path, tiny_root, "v1.0-mini", "mini_val", None)
+    assert abs(full["mean_ap"] - ours["mean_ap"]) > 1e-3
 
 
 def test_ground_truth_with_points_scores_one(nusc, tables, tiny_root, tmp_path):

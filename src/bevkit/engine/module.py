@@ -12,6 +12,7 @@ from torch import Tensor
 import bevkit
 from bevkit.config import ExperimentConfig, Schedule
 from bevkit.data.nuscenes import NuScenesTables
+from bevkit.eval.detection import detection_config
 from bevkit.eval.evaluator import (
     DetectionEvaluator,
     boxes_to_results,
@@ -188,7 +189,8 @@ class BEVLitModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._swap_ema()
         heads = self.cfg.model.heads
-        self._det = DetectionEvaluator(self._detection_gt()) if heads.detection is not None else None
+        self._det = (DetectionEvaluator(self._detection_gt(), detection_config(self.cfg.eval.max_range))
+                     if heads.detection is not None else None)
         self._map = MapIoU(tuple(heads.map.classes)) if heads.map is not None else None
         self._occ = OccupancyMIoU() if heads.occupancy is not None else None
         self.submission = {}

@@ -17,16 +17,25 @@ import numpy as np
 
 from bevkit.atomic import write_text_atomic
 from bevkit.data.nuscenes import NuScenesTables
-from bevkit.eval.detection import CLASSES, DETECTION_CVPR_2019, TP_METRICS, DetectionResult, evaluate_boxes
+from bevkit.eval.detection import (
+    CLASSES,
+    DETECTION_CVPR_2019,
+    TP_METRICS,
+    DetectionResult,
+    detection_config,
+    evaluate_boxes,
+)
 from bevkit.eval.groundtruth import load_detection_gt, split_scenes
 from bevkit.eval.results import load_results
 
 TP_SHORT = {"trans_err": "mATE", "scale_err": "mASE", "orient_err": "mAOE", "vel_err": "mAVE", "attr_err": "mAAE"}
 
 
-def score(results_path, data_root, version, split, out_dir=None, plots: bool = True) -> dict:
+def score(results_path, data_root, version, split, out_dir=None, plots: bool = True,
+          max_range: float | None = None) -> dict:
     """Score ``results_path`` on ``split`` of the dataset at ``data_root`` (``version`` folder, or None for the
-    only one). Returns the devkit's ``metrics_summary`` dict (plus ``meta``).
+    only one). Returns the devkit's ``metrics_summary`` dict (plus ``meta``). ``max_range`` caps every class
+    range (see ``detection_config``); None scores the benchmark as defined.
 
     Raises ``bevkit.eval.ResultsError`` for a bad results file (the message names the sample token and the
     field) and ``bevkit.data.nuscenes.DataError`` for a bad dataset or an unknown split.
@@ -36,7 +45,7 @@ def score(results_path, data_root, version, split, out_dir=None, plots: bool = T
     _, official = split_scenes(tables, split)
     gt = load_detection_gt(tables, split)
     pred, meta = load_results(results_path, gt.sample_tokens, exact=official)
-    result = evaluate_boxes(gt.boxes, pred, gt.ego_translation, gt.racks, DETECTION_CVPR_2019,
+    result = evaluate_boxes(gt.boxes, pred, gt.ego_translation, gt.racks, detection_config(max_range),
                             details=out_dir is not None)
     summary = dict(result.summary)
     summary["eval_time"] = time.time() - start
@@ -115,7 +124,11 @@ def format_summary(summary: dict) -> str:
     """The devkit's printed summary: mAP, the five mean TP errors, NDS, then AP and TP errors per class."""
     lines = [f"mAP: {summary['mean_ap']:.4f}"]
     lines += [f"{TP_SHORT[m]}: {summary['tp_errors'][m]:.4f}" for m in TP_METRICS]
-    lines += [f"NDS: {summary['nd_score']:.4f}", f"Eval time: {summary['eval_time']:.1f}s", "", "Per-class results:",
+    lines += [f"NDS: {summary['nd_score']:.4f}", f"Eval time: {summary['eval_time']:.1f}s"]
+    ranges = summary.get("cfg", DETECTION_CVPR_2019)["class_range"]
+    if ranges != DETECTION_CVPR_2019["class_range"]:
+        lines.append(f"Class ranges capped at {max(ranges.values()):g} m: not the benchmark's (30-50 m)")
+    lines += ["", "Per-class results:",
               "%-20s\t%-6s\t%-6s\t%-6s\t%-6s\t%-6s\t%-6s" % ("Object Class", "AP", "ATE", "ASE", "AOE", "AVE", "AAE")]
     tps = summary["label_tp_errors"]
     for c, ap in summary["mean_dist_aps"].items():
