@@ -164,3 +164,42 @@ def test_ego_motion_between_keyframes():
     torch.testing.assert_close(m[0, :3, 3], torch.tensor([-2.0, 0.0, 0.0]))
     torch.testing.assert_close(m[0, :3, :3], torch.eye(3))
     assert curr_from_prev(curr, torch.stack([prev, curr], 1)).shape == (1, 2, 4, 4)
+
+
+def test_bevformer_deform_attn_switch_gives_the_same_outputs_and_gradients():
+    # view_transform.deform_attn picks the implementation (the memory benchmarks compare them); every
+    # choice must give the fast path's outputs and gradients, and an unknown name is an error.
+    from bevkit.ops import deform_attn_reference
+
+    cfg = load_config(CONFIGS / "bevformer-synth.yaml")
+    runs = {}
+    for impl in ("fast", "reference", "exportable"):
+        vt = cfg.view_transform.model_copy(update={"deform_attn": impl})
+        torch.manual_seed(0)
+        model = build_model(cfg.model_copy(update={"view_transform": vt}))
+        with torch.no_grad():  # non-zero offsets and weights, so samples fall between cells
+            for layer in model.view_transform.layers:
+                for attn in (layer.tsa, layer.sca):
+                    attn.offsets.weight.normal_(0.0, 0.05)
+                    attn.weights.weight.normal_(0.0, 0.05)
+        batch = make_batch(cfg, n_cams=2, batch=2)
+        with torch.no_grad():
+            state = model(batch)["bev"].unsqueeze(1)
+        motion = torch.eye(4).expand(2, 1, 4, 4).clone()
+        motion[:, 0, 0, 3] = 1.3  # moved forward by a fraction of a cell
+        out = model({**batch, "prev_bev": state, "curr_from_prev": motion})
+        out["bev"].square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.view_transform.named_parameters()
+                 if "offsets" in n or "weights" in n}
+        runs[impl] = (out["bev"].detach(), grads, model)
+    assert runs["reference"][2].view_transform.layers[0].sca.impl is deform_attn_reference
+    fast_bev, fast_grads, _ = runs["fast"]
+    for impl in ("reference", "exportable"):
+        bev, grads, _ = runs[impl]
+        torch.testing.assert_close(bev, fast_bev, rtol=1e-4, atol=1e-5)
+        for name, g in fast_grads.items():
+            assert g.abs().max() > 0, name  # the location / weight gradients are exercised
+            torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-6, msg=f"{impl} {name}")
+    bad = cfg.view_transform.model_copy(update={"deform_attn": "cuda"})
+    with pytest.raises(ValueError, match="deform_attn"):
+        build_model(cfg.model_copy(update={"view_transform": bad}))

@@ -19,27 +19,31 @@ from bevkit.models.view_transforms import rigid_inverse
 from bevkit.ops import bev_warp, deform_attn
 
 
-def deform_attn_fp32(value: Tensor, shapes, loc: Tensor, attn: Tensor) -> Tensor:
-    """``ops.deform_attn`` in float32 even under autocast (its sparse CSR product has no bf16/fp16
-    kernel on CPU).
+def deform_attn_fp32(value: Tensor, shapes, loc: Tensor, attn: Tensor, impl=deform_attn) -> Tensor:
+    """A deformable attention ``impl`` (default ``ops.deform_attn``) in float32 even under autocast
+    (the fast path's sparse CSR product has no bf16/fp16 kernel on CPU).
+
+    ``impl`` is any function of ``ops.deform_attn``'s signature, e.g. ``ops.deform_attn_reference``
+    (one ``grid_sample`` per level, which materialises every sample) for memory comparisons.
 
     Shapes:
         value: (B, S, heads, Dh)   loc: (B, Q, heads, L, P, 2)   attn: (B, Q, heads, L, P)
         returns: (B, Q, heads * Dh) float32
     """
     with torch.autocast(device_type=value.device.type, enabled=False):
-        return deform_attn(value.float(), shapes, loc.float(), attn.float())
+        return impl(value.float(), shapes, loc.float(), attn.float())
 
 
 class TemporalSelfAttention(nn.Module):
     """Deformable attention of each BEV query over two maps: the previous BEV aligned to the
     current frame and the current queries (two 'levels' of ``deform_attn``, attention weights
     normalised jointly over both). Offsets and weights are predicted from the query concatenated
-    with the aligned previous BEV, as in BEVFormer. Without history the queries stand in for it."""
+    with the aligned previous BEV, as in BEVFormer. Without history the queries stand in for it.
+    ``impl``: the deformable attention function (``ops.deform_attn`` or one of its siblings)."""
 
-    def __init__(self, dim: int, heads: int, points: int):
+    def __init__(self, dim: int, heads: int, points: int, impl=deform_attn):
         super().__init__()
-        self.heads, self.points = heads, points
+        self.heads, self.points, self.impl = heads, points, impl
         self.offsets = nn.Linear(2 * dim, heads * 2 * points * 2)
         self.weights = nn.Linear(2 * dim, heads * 2 * points)
         self.value = nn.Linear(dim, dim)
@@ -61,17 +65,18 @@ class TemporalSelfAttention(nn.Module):
         off = self.offsets(qp).view(b, q, h, 2, p, 2) / query.new_tensor([nx, ny])  # cells -> normalised
         loc = ref.view(1, q, 1, 1, 1, 2) + off  # (B, Q, heads, 2, P, 2)
         attn = self.weights(qp).view(b, q, h, 2 * p).softmax(-1).view(b, q, h, 2, p)
-        return self.out(deform_attn_fp32(value, [(ny, nx), (ny, nx)], loc, attn))
+        return self.out(deform_attn_fp32(value, [(ny, nx), (ny, nx)], loc, attn, self.impl))
 
 
 class SpatialCrossAttention(nn.Module):
     """Deformable attention of each BEV query into every camera at its pillar's reference points
     (``num_z`` heights, ``points_per_z`` samples around each); cameras that see at least one
-    reference point are averaged, as in BEVFormer."""
+    reference point are averaged, as in BEVFormer. ``impl``: the deformable attention function
+    (``ops.deform_attn`` or one of its siblings)."""
 
-    def __init__(self, dim: int, heads: int, num_z: int, points_per_z: int):
+    def __init__(self, dim: int, heads: int, num_z: int, points_per_z: int, impl=deform_attn):
         super().__init__()
-        self.heads, self.num_z, self.ppz = heads, num_z, points_per_z
+        self.heads, self.num_z, self.ppz, self.impl = heads, num_z, points_per_z, impl
         p = num_z * points_per_z
         self.offsets = nn.Linear(dim, heads * p * 2)
         self.weights = nn.Linear(dim, heads * p)
@@ -96,7 +101,7 @@ class SpatialCrossAttention(nn.Module):
         attn = self.weights(query).view(b, q, h, z * k).softmax(-1)
         attn = attn.view(b, 1, q, h, 1, z * k).expand(b, n, q, h, 1, z * k)
         out = deform_attn_fp32(value, [(hf, wf)], loc.reshape(b * n, q, h, 1, z * k, 2),
-                               attn.reshape(b * n, q, h, 1, z * k)).view(b, n, q, c)
+                               attn.reshape(b * n, q, h, 1, z * k), self.impl).view(b, n, q, c)
         hit = seen.any(-1).to(out.dtype)  # (B, N, Q)
         out = (out * hit.unsqueeze(-1)).sum(1) / hit.sum(1).clamp(min=1).unsqueeze(-1)
         return self.out(out)
@@ -105,10 +110,11 @@ class SpatialCrossAttention(nn.Module):
 class BEVFormerLayer(nn.Module):
     """Temporal self-attention, norm, spatial cross-attention, norm, feed-forward, norm."""
 
-    def __init__(self, dim: int, heads: int, num_z: int, points_per_z: int, tsa_points: int, ffn: int):
+    def __init__(self, dim: int, heads: int, num_z: int, points_per_z: int, tsa_points: int, ffn: int,
+                 impl=deform_attn):
         super().__init__()
-        self.tsa = TemporalSelfAttention(dim, heads, tsa_points)
-        self.sca = SpatialCrossAttention(dim, heads, num_z, points_per_z)
+        self.tsa = TemporalSelfAttention(dim, heads, tsa_points, impl)
+        self.sca = SpatialCrossAttention(dim, heads, num_z, points_per_z, impl)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(inplace=True), nn.Linear(ffn, dim))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
 
@@ -129,10 +135,15 @@ class BEVFormerEncoder(nn.Module):
 
     The previous BEV is state passed in (``prev_bev`` with its ``curr_from_prev``) and the output is
     the next call's state; without it the queries attend to themselves (BEVFormer's first frame).
+
+    ``impl`` is the deformable attention both attentions run: ``ops.deform_attn`` (the default, the
+    sparse fast path) or a function of the same signature such as ``ops.deform_attn_reference``
+    (chosen by name with ``view_transform.deform_attn``; same results, different memory and speed).
     """
 
     def __init__(self, in_channels: int, channels: int, grid: GridConfig, stride: int, layers: int = 3,
-                 heads: int = 8, num_z: int = 4, points_per_z: int = 2, tsa_points: int = 4, ffn: int = 512):
+                 heads: int = 8, num_z: int = 4, points_per_z: int = 2, tsa_points: int = 4, ffn: int = 512,
+                 impl=deform_attn):
         super().__init__()
         ny, nx = grid.shape
         self.grid, self.stride, self.channels, self.num_z = grid, stride, channels, num_z
@@ -141,7 +152,7 @@ class BEVFormerEncoder(nn.Module):
         self.row_embed = nn.Parameter(torch.randn(ny, channels // 2) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(nx, channels - channels // 2) * 0.02)
         self.cam_embed = nn.Parameter(torch.zeros(1, 1, channels, 1, 1))
-        self.layers = nn.ModuleList(BEVFormerLayer(channels, heads, num_z, points_per_z, tsa_points, ffn)
+        self.layers = nn.ModuleList(BEVFormerLayer(channels, heads, num_z, points_per_z, tsa_points, ffn, impl)
                                     for _ in range(layers))
 
     def pillar_points(self, like: Tensor) -> Tensor:

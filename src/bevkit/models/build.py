@@ -22,6 +22,7 @@ from bevkit.models.lidar import PointPillars
 from bevkit.models.necks import FPN, LSSFPN
 from bevkit.models.temporal import BEVDet4D
 from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, LiftSplat
+from bevkit.ops import deform_attn, deform_attn_exportable, deform_attn_reference
 
 NECKS = {"fpn": FPN, "lss_fpn": LSSFPN}
 VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "bilinear": BilinearLift,
@@ -31,6 +32,9 @@ FUSERS = {"conv": ConvFuser}
 TEMPORAL = {"bevdet4d": BEVDet4D}
 BEV_ENCODERS = {"resnet": ResNetBEV}
 HEADS = {"detection": CenterHead, "map": MapSegHead, "occupancy": OccupancyHead}
+# The deformable attention of the BEVFormer encoder (``view_transform.deform_attn``): same results,
+# different memory and speed (docs/benchmarks.md).
+DEFORM_ATTN = {"fast": deform_attn, "reference": deform_attn_reference, "exportable": deform_attn_exportable}
 
 
 def _lookup(table: dict, name: str, kind: str):
@@ -59,7 +63,8 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
                                                   vt.depth_net_channels)
         elif cls is BEVFormerEncoder:
             view_transform = BEVFormerEncoder(neck.channels, vt.channels, grid, neck.stride, vt.layers, vt.heads,
-                                              vt.num_z, vt.points_per_z, vt.tsa_points, vt.ffn)
+                                              vt.num_z, vt.points_per_z, vt.tsa_points, vt.ffn,
+                                              _lookup(DEFORM_ATTN, vt.deform_attn, "deform_attn"))
         else:
             view_transform = cls(neck.channels, vt.channels, grid, vt.num_z, neck.stride)
         bev_channels.append(vt.channels)

@@ -70,7 +70,10 @@ class ViewTransformConfig(Frozen):
     ``lss_camera_aware``: lift-splat with BEVDepth's camera-aware depth net of
     ``depth_net_channels`` channels. ``deform``: BEVFormer's encoder, ``layers`` x (temporal self-attention with ``tsa_points``
     samples per head and map, spatial cross-attention at ``num_z`` pillar heights with
-    ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads."""
+    ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
+    names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse CSR path;
+    ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
+    memory and speed."""
 
     type: str = "lss"
     channels: int = 64
@@ -83,6 +86,7 @@ class ViewTransformConfig(Frozen):
     points_per_z: int = 2
     tsa_points: int = 4
     ffn: int = 512
+    deform_attn: str = "fast"
 
 
 class LidarConfig(Frozen):
