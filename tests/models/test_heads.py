@@ -88,6 +88,20 @@ def test_focal_loss_rewards_the_target():
     assert gaussian_focal_loss(good, target) < 0.01 < gaussian_focal_loss(-good, target)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_focal_loss_is_finite_in_half_precision(dtype):
+    # Confident logits (|x| > 6) saturate the sigmoid in 16-bit floats: the loss must stay finite and
+    # equal the float32 loss, as under autocast where the head's convolutions return bf16 / fp16.
+    target = torch.zeros(1, 2, 8, 8)
+    target[0, 0, 3, 4] = 1.0
+    logits = torch.full((1, 2, 8, 8), -12.0)
+    logits[0, 0, 3, 4] = 12.0
+    logits[0, 1, 5, 5] = 9.0  # a confident false positive
+    half = gaussian_focal_loss(logits.to(dtype), target.to(dtype))
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    torch.testing.assert_close(half, gaussian_focal_loss(logits, target), rtol=1e-2, atol=1e-6)
+
+
 def test_map_loss_and_decode():
     head = MapSegHead(8, MapHeadConfig(channels=8, upsample=2))
     assert head(torch.zeros(2, 8, 5, 10)).shape == (2, 4, 10, 20)

@@ -258,11 +258,13 @@ class CenterHead(nn.Module):
 
 def gaussian_focal_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, gamma: float = 4.0) -> Tensor:
     """CenterNet's focal loss on gaussian heatmaps, normalised by the number of centres (cells
-    whose target is exactly 1).
+    whose target is exactly 1). Computed in float32 whatever the input dtype: in bf16 or fp16, ``1 - 1e-4``
+    rounds to 1 and ``log(1 - p)`` is -inf as soon as a logit passes ~6.
 
     Shapes:
-        logits, target: (B, K, Y, X)   returns: ()
+        logits, target: (B, K, Y, X)   returns: () float32
     """
+    logits, target = logits.float(), target.float()
     pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
     pos = target.eq(1).float()
     neg_weight = (1 - target).pow(gamma)
