@@ -70,13 +70,28 @@ def run(args: list[str], log: Path) -> tuple[float, float]:
     return time.time() - start, usage.ru_maxrss / 1024.0  # Linux: ru_maxrss in KiB
 
 
+def metrics_of(eval_dir: Path) -> dict:
+    """What the table shows, read back from the files ``bevkit eval`` wrote."""
+    out = {}
+    det = eval_dir / "metrics_summary.json"
+    if det.is_file():
+        s = json.loads(det.read_text())
+        out.update(mAP=s["mean_ap"], NDS=s["nd_score"], mATE=s["tp_errors"]["trans_err"],
+                   mAVE=s["tp_errors"]["vel_err"], car_AP=s["mean_dist_aps"]["car"],
+                   car_AVE=s["label_tp_errors"]["car"]["vel_err"], max_range=max(s["cfg"]["class_range"].values()))
+    mp = eval_dir / "map_metrics.json"
+    if mp.is_file():
+        out["map"] = json.loads(mp.read_text())
+    return out
+
+
 def one(name: str, args) -> dict:
     run_dir = Path(args.out) / name
     eval_dir = run_dir / f"eval-{args.val_split}"
     record = run_dir / "compare_record.json"
     if record.is_file():
         print(f"{name}: already done ({record})", flush=True)
-        return json.loads(record.read_text())
+        return {**json.loads(record.read_text()), **metrics_of(eval_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = [a for s in (*common_overrides(args), *preset_overrides(name, args)) for a in ("--set", s)]
     config = f"configs/{name}.yaml"
@@ -84,30 +99,23 @@ def one(name: str, args) -> dict:
     train_s, train_rss = run(["train", config, *sets, "--overwrite"], log)
     eval_s, _ = run(["eval", config, str(run_dir / "checkpoints" / "last.ckpt"), *sets], log)
     rec = {"preset": name, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
-           "train_peak_rss_mb": round(train_rss, 1)}
-    det = eval_dir / "metrics_summary.json"
-    if det.is_file():
-        s = json.loads(det.read_text())
-        rec.update(mAP=s["mean_ap"], NDS=s["nd_score"], mATE=s["tp_errors"]["trans_err"],
-                   mAVE=s["tp_errors"]["vel_err"], max_range=max(s["cfg"]["class_range"].values()))
-    mp = eval_dir / "map_metrics.json"
-    if mp.is_file():
-        rec["map"] = json.loads(mp.read_text())
+           "train_peak_rss_mb": round(train_rss, 1), **metrics_of(eval_dir)}
     write_text_atomic(record, json.dumps(rec, indent=2))
     return rec
 
 
 def table(records: list[dict]) -> str:
     what = dict(PRESETS)
-    lines = ["| preset | what | mAP | NDS | mATE | mAVE | map IoU | train min | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | what | mAP | NDS | mATE | mAVE | car AP | car AVE | map IoU | train min | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        det = [f"{r[k]:.3f}" if k in r else "" for k in ("mAP", "NDS", "mATE", "mAVE")]
+        det = [f"{r[k]:.3f}" if k in r else "" for k in ("mAP", "NDS", "mATE", "mAVE", "car_AP", "car_AVE")]
         m = r.get("map")
         miou = ""
-        if m:
+        if m:  # Neural Map Prior's mIoU is over divider, ped_crossing and boundary; drivable apart
+            nmp = [m[k] for k in ("divider", "ped_crossing", "boundary") if k in m]
             ious = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "mIoU")
-            miou = f"mIoU {m['mIoU']:.3f} ({ious})"
+            miou = f"{ious}; mIoU (NMP's three) {sum(nmp) / len(nmp):.3f}" if nmp else ious
         lines.append(f"| {r['preset']} | {what.get(r['preset'], '')} | {' | '.join(det)} | {miou} | "
                      f"{r['train_seconds'] / 60:.1f} | {r['train_peak_rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -118,6 +126,7 @@ ORDERINGS = (
     ("depth supervision above plain lift-splat (mAP)", "bevdepth-synth", "mAP", ">", "bevdet-synth"),
     ("depth supervision above plain lift-splat (NDS)", "bevdepth-synth", "NDS", ">", "bevdet-synth"),
     ("temporal velocity error below single-frame (mAVE)", "bevdet4d-synth", "mAVE", "<", "bevdet-synth"),
+    ("temporal velocity error below single-frame (car AVE)", "bevdet4d-synth", "car_AVE", "<", "bevdet-synth"),
     ("fusion above LiDAR only (mAP)", "bevfusion-synth", "mAP", ">", "pointpillars-synth"),
     ("fusion above camera only (mAP)", "bevfusion-synth", "mAP", ">", "bevdet-synth"),
     ("fusion above LiDAR only (NDS)", "bevfusion-synth", "NDS", ">", "pointpillars-synth"),
