@@ -3,33 +3,16 @@
 import json
 from pathlib import Path
 
-import yaml
+from experiment_helpers import tiny_lidar_experiment, write_yaml
+
+__all__ = ["SPLIT", "entry_bytes", "manifest_without_times", "tiny_config", "write_yaml"]
 
 SPLIT = "mini_train"  # the tiny world's first scene: six keyframes, three batches of two
 
 
 def tiny_config(root, out) -> dict:
-    """A PointPillars CenterPoint model small enough to train two steps and cache a split in seconds."""
-    return {
-        "model": {
-            "name": "pp-cache-test",
-            "grid": {"xbound": [-25.6, 25.6, 0.8], "ybound": [-25.6, 25.6, 0.8], "zbound": [-5.0, 3.0, 8.0]},
-            "view_transform": None,
-            "lidar": {"channels": 8, "max_voxels": 4000},
-            "bev_encoder": {"channels": [16, 32, 64], "blocks": [1, 1, 1], "out_channels": 16},
-            "heads": {"detection": {"channels": 8}},
-        },
-        "data": {"root": str(root), "train_split": "mini_train", "val_split": "mini_val", "batch_size": 2,
-                 "eval_batch_size": 2, "workers": 0},
-        "train": {"epochs": 1, "max_steps": 2, "lr": 1e-3, "ema": 0.9, "log_every": 1, "accelerator": "cpu",
-                  "devices": 1, "threads": 1},
-        "out": str(out),
-    }
-
-
-def write_yaml(path: Path, doc: dict) -> str:
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
+    """The tiny LiDAR experiment, two training steps: enough to cache a split in seconds."""
+    return tiny_lidar_experiment(root, out, name="pp-cache-test", max_steps=2, ema=0.9, threads=1)
 
 
 def entry_bytes(folder: Path) -> dict[str, bytes]:

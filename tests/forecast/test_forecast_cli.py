@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-import yaml
+from experiment_helpers import tiny_lidar_experiment, write_yaml
 
 from bevkit.cli import main
 
@@ -19,19 +19,9 @@ def caches(tiny_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("forecast-cli")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BEVKIT_CACHE", str(folder / "index"))
-        doc = {
-            "model": {"name": "pp-forecast-test",
-                      "grid": {"xbound": [-25.6, 25.6, 0.8], "ybound": [-25.6, 25.6, 0.8], "zbound": [-5.0, 3.0, 8.0]},
-                      "view_transform": None, "lidar": {"channels": 8, "max_voxels": 4000},
-                      "bev_encoder": {"channels": [16, 32, 64], "blocks": [1, 1, 1], "out_channels": 8},
-                      "heads": {"detection": {"channels": 8}}},
-            "data": {"root": str(tiny_root), "train_split": "mini_train", "val_split": "mini_val", "batch_size": 2,
-                     "eval_batch_size": 2, "workers": 0},
-            "train": {"epochs": 1, "max_steps": 2, "accelerator": "cpu", "devices": 1},
-            "out": str(folder / "run"),
-        }
+        doc = tiny_lidar_experiment(tiny_root, folder / "run", name="pp-forecast-test", bev_out=8, max_steps=2)
         cfg_path = folder / "pp.yaml"
-        cfg_path.write_text(yaml.safe_dump(doc))
+        write_yaml(cfg_path, doc)
         torch.set_num_threads(1)
         cfg = load_experiment(cfg_path)
         train(cfg, progress=False)
