@@ -2,8 +2,8 @@
 
 The encoder (``bevkit.models.bevformer.BEVFormerEncoder``: temporal self-attention + spatial
 cross-attention + FFN per layer) is built with a preset's settings (default ``bevformer-small``:
-3 layers, 256 channels, 8 heads, 4 pillar heights x 2 points, 4 temporal points; one stride-16 map
-of 720x1280 images) on square BEV grids over +-51.2 m, once with each deformable attention
+3 layers, 256 channels, 8 heads, 4 pillar heights x 2 points, 4 temporal points; one feature map of
+720x1280 images at the preset's neck stride, or ``--stride``) on square BEV grids over +-51.2 m, once with each deformable attention
 implementation (``view_transform.deform_attn``: ``fast``, the CSR path of ``ops.deform_attn``;
 ``reference``, one ``grid_sample`` per level of ``ops.deform_attn_reference``). One training step
 is a forward with a previous BEV (temporal self-attention over two maps, as in training after the
@@ -58,7 +58,7 @@ def _grid(side: int):
     return GridConfig(xbound=(-EXTENT, EXTENT, step), ybound=(-EXTENT, EXTENT, step), zbound=(-5.0, 3.0, 8.0))
 
 
-def setup(preset: str, side: int, impl: str):
+def setup(preset: str, side: int, impl: str, stride: int | None = None):
     """The encoder at a ``side`` x ``side`` grid and one batch of its inputs.
 
     Shapes:
@@ -75,7 +75,7 @@ def setup(preset: str, side: int, impl: str):
     vt = exp.model.view_transform
     with torch.device("meta"):  # the preset's neck: its channels and stride, without weights
         neck = build_model(exp.model, load_checkpoint=False).neck
-    stride = neck.stride
+    stride = stride or neck.stride
     torch.manual_seed(0)
     enc = BEVFormerEncoder(neck.channels, vt.channels, _grid(side), stride, vt.layers, vt.heads, vt.num_z,
                            vt.points_per_z, vt.tsa_points, vt.ffn, DEFORM_ATTN[impl])
@@ -148,9 +148,9 @@ def saved_for_backward(enc, inputs) -> dict:
             "largest": [{"shape": k, "count": c, "gib": n / GIB} for k, (c, n) in top]}
 
 
-def child(preset: str, side: int, impl: str, breakdown: bool) -> dict:
+def child(preset: str, side: int, impl: str, breakdown: bool, stride: int | None = None) -> dict:
     torch.set_num_threads(1)
-    enc, feats, intr, img_aug, ego_from_cam, prev, motion = setup(preset, side, impl)
+    enc, feats, intr, img_aug, ego_from_cam, prev, motion = setup(preset, side, impl, stride)
     inputs = (feats, intr, img_aug, ego_from_cam, prev, motion)
     gc.collect()
     before = _status_kib("VmRSS")
@@ -172,6 +172,7 @@ def child(preset: str, side: int, impl: str, breakdown: bool) -> dict:
 def run_child(args, side: int, impl: str) -> dict:
     cmd = [sys.executable, __file__, "--preset", args.preset, "--child", f"{side}:{impl}"]
     cmd += ["--breakdown"] if args.breakdown else []
+    cmd += ["--stride", str(args.stride)] if args.stride else []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0, max_rss, stopped = time.time(), 0, None
@@ -245,6 +246,8 @@ def main() -> None:
     ap.add_argument("--preset", default="bevformer-small", help="a deform preset whose encoder settings to use")
     ap.add_argument("--sides", nargs="+", type=int, default=[50, 100, 150, 200], help="BEV grid sides")
     ap.add_argument("--impls", nargs="+", default=["fast", "reference"], choices=["fast", "reference", "exportable"])
+    ap.add_argument("--stride", type=int, default=None,
+                    help="image feature stride (default: the preset's neck's)")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--max-rss-gb", type=float, default=20.0)
     ap.add_argument("--json", type=Path)
@@ -255,9 +258,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         side, impl = args.child.split(":")
-        print("RESULT " + json.dumps(child(args.preset, int(side), impl, args.breakdown)), flush=True)
+        print("RESULT " + json.dumps(child(args.preset, int(side), impl, args.breakdown, args.stride)), flush=True)
         return
-    report = {"torch": torch.__version__, "python": platform.python_version(), "preset": args.preset,
+    report = {"torch": torch.__version__, "python": platform.python_version(), "preset": args.preset, "stride": args.stride,
               "threads": 1, "date": time.strftime("%Y-%m-%d"), "runs": [],
               "dominant": {str(s): dominant_bytes(args.preset, s) for s in args.sides}}
     for impl in args.impls:
