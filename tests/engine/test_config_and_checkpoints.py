@@ -96,3 +96,11 @@ def test_truncated_and_foreign_checkpoints_are_named(trained_run, tmp_path):
         read_checkpoint(text)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         read_checkpoint(tmp_path / "absent.ckpt")
+
+
+def test_the_run_folder_keeps_last_and_the_best_after_validation(trained_run):
+    _, last = trained_run
+    names = sorted(p.name for p in last.parent.glob("*.ckpt"))
+    assert names == ["best-epoch000.ckpt", "last.ckpt"], names
+    cfg, model = load_model(last.parent / "best-epoch000.ckpt")
+    assert cfg.model.name == "pp-test" and sum(p.numel() for p in model.parameters()) > 0

@@ -152,9 +152,11 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     module = BEVLitModule(cfg)
     dm = BEVDataModule(cfg)
     cbs = [LastCheckpoint(last, cfg.train.checkpoint_every),
+           # best: judged after each validation only (never at a training epoch's end, where the
+           # monitored metric does not exist and Lightning would warn)
            ModelCheckpoint(dirpath=str(ckpt_dir), monitor=module.monitor(), mode="max", save_top_k=1,
                            filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                           enable_version_counter=False)]
+                           enable_version_counter=False, save_on_train_epoch_end=False)]
     if cfg.train.checkpoint_every:
         cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_top_k=-1, every_n_train_steps=cfg.train.checkpoint_every,
                                    filename="step{step:07d}", auto_insert_metric_name=False,
