@@ -28,27 +28,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from procmem import GIB, reset_peak, run_watched, status_kib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GIB = 1024**3
 EXTENT = 51.2  # metres either side of the ego, as BEVFormer's grids
-
-
-def _status_kib(field: str, pid: int | str = "self") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
 def _grid(side: int):
@@ -153,13 +143,12 @@ def child(preset: str, side: int, impl: str, breakdown: bool, stride: int | None
     enc, feats, intr, img_aug, ego_from_cam, prev, motion = setup(preset, side, impl, stride)
     inputs = (feats, intr, img_aug, ego_from_cam, prev, motion)
     gc.collect()
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = reset_peak()
     t0 = time.perf_counter()
     bev, _ = enc(*inputs)
     bev.square().mean().backward()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     out = {"side": side, "queries": side * side, "impl": impl, "rss_before_gib": before * 1024 / GIB,
            "peak_rss_gib": peak * 1024 / GIB, "step_gib": (peak - before) * 1024 / GIB, "seconds": seconds,
            "value_map": list(feats.shape[-2:])}
@@ -173,29 +162,10 @@ def run_child(args, side: int, impl: str) -> dict:
     cmd = [sys.executable, __file__, "--preset", args.preset, "--child", f"{side}:{impl}"]
     cmd += ["--breakdown"] if args.breakdown else []
     cmd += ["--stride", str(args.stride)] if args.stride else []
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    t0, max_rss, stopped = time.time(), 0, None
-    while proc.poll() is None:
-        try:
-            max_rss = max(max_rss, _status_kib("VmRSS", proc.pid))
-        except (FileNotFoundError, RuntimeError, ProcessLookupError):
-            pass
-        if max_rss * 1024 > args.max_rss_gb * GIB:
-            stopped = f"stopped: resident set above {args.max_rss_gb} GiB"
-        elif time.time() - t0 > args.timeout:
-            stopped = f"stopped: still running after {args.timeout:.0f} s"
-        if stopped:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"side": side, "queries": side * side, "impl": impl,
-            "error": stopped or (stderr.strip().splitlines() or ["no output"])[-1],
-            "max_rss_seen_gib": max_rss * 1024 / GIB}
+    res = run_watched(cmd, args.max_rss_gb, args.timeout)
+    if "error" in res:
+        res = {"side": side, "queries": side * side, "impl": impl, **res}
+    return res
 
 
 def fit(rows: list[dict]) -> dict | None:

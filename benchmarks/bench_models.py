@@ -41,30 +41,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from procmem import GIB, reset_peak, run_watched, status_kib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FULL_SIZE = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("-synth"))
 COMPONENTS = ("backbone", "neck", "view_transform", "lidar", "fuser", "temporal", "bev_encoder", "heads")
-GIB = 1024**3
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def _status_kib(field: str, pid: int | str = "self") -> int:
-    """A ``kB`` field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
 def load_preset(name: str, overrides: list[str]):
@@ -172,8 +160,7 @@ def child_train_memory(exp, precision: str, root: str, split: str, index: int) -
     model = build_model(exp.model, load_checkpoint=False).train()
     batch = dataset_batch(exp, root, split, index)
     gc.collect()
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    before = reset_peak()
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         run = with_history(model, batch)
@@ -181,7 +168,7 @@ def child_train_memory(exp, precision: str, root: str, split: str, index: int) -
         losses = model.loss(out, run)
     losses["loss"].backward()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"precision": precision, "rss_before_gib": before * 1024 / GIB, "peak_rss_gib": peak * 1024 / GIB,
             "step_gib": (peak - before) * 1024 / GIB, "seconds": seconds,
             "loss": float(losses["loss"].detach()), "finite": bool(torch.isfinite(losses["loss"]).item()),
@@ -210,28 +197,7 @@ def run_child(preset: str, kind: str, args) -> dict:
            "--data", str(args.data), "--split", args.split, "--index", str(args.index)]
     for item in args.set:
         cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    t0, max_rss, stopped = time.time(), 0, None
-    while proc.poll() is None:
-        try:
-            max_rss = max(max_rss, _status_kib("VmRSS", proc.pid))
-        except (FileNotFoundError, RuntimeError, ProcessLookupError):
-            pass
-        if max_rss * 1024 > args.max_rss_gb * GIB:
-            stopped = f"stopped: resident set above {args.max_rss_gb} GiB"
-        elif time.time() - t0 > args.timeout:
-            stopped = f"stopped: still running after {args.timeout:.0f} s"
-        if stopped:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"error": stopped or (stderr.strip().splitlines() or ["no output"])[-1],
-            "max_rss_seen_gib": max_rss * 1024 / GIB, "wall_s": time.time() - t0}
+    return run_watched(cmd, args.max_rss_gb, args.timeout)
 
 
 def _fmt(v, digits: int = 2) -> str:
