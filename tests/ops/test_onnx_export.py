@@ -14,6 +14,8 @@ from bevkit.ops import (
     bev_warp_reference,
     deform_attn_exportable,
     deform_attn_reference,
+    deform_conv2d,
+    deform_conv2d_reference,
     pillar_scatter,
     pillar_scatter_reference,
 )
@@ -82,3 +84,12 @@ def test_pillar_scatter_exports(tmp_path, assert_rel):
     feats = torch.randn(40, 5, generator=gen)
     got = _run_onnx(lambda f, c: pillar_scatter(f, c, 2, (12, 16)), [feats, coords], tmp_path)
     assert_rel(got, pillar_scatter_reference(feats, coords, 2, (12, 16)), 1e-6)
+
+
+def test_deform_conv2d_exports(tmp_path, assert_rel):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 6, 9, generator=gen)
+    offset = 2 * torch.randn(1, 18, 6, 9, generator=gen)
+    weight = torch.randn(4, 2, 3, 3, generator=gen)
+    got = _run_onnx(lambda a, o, w: deform_conv2d(a, o, w, padding=1, groups=4), [x, offset, weight], tmp_path)
+    assert_rel(got, deform_conv2d_reference(x, offset, weight, padding=1, groups=4), 1e-5)

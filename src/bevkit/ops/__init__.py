@@ -12,6 +12,7 @@ from .bev_pool import (
 )
 from .bev_warp import bev_warp, bev_warp_reference
 from .deform_attn import deform_attn, deform_attn_exportable, deform_attn_reference
+from .deform_conv import deform_conv2d, deform_conv2d_reference
 from .nms import (
     bev_corners,
     circle_nms,
@@ -35,6 +36,7 @@ __all__ = [
     "bev_pool_exportable", "bev_pool_plan", "bev_pool_reference",
     "bev_warp", "bev_warp_reference",
     "deform_attn", "deform_attn_exportable", "deform_attn_reference",
+    "deform_conv2d", "deform_conv2d_reference",
     "bev_corners", "circle_nms", "circle_nms_reference", "nms_rotated", "nms_rotated_reference",
     "rotated_iou_bev", "rotated_iou_bev_aligned",
     "Voxels", "pillar_scatter", "pillar_scatter_reference", "voxelize", "voxelize_batch",
