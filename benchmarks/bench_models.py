@@ -52,7 +52,7 @@ from procmem import GIB, reset_peak, run_watched, status_kib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FULL_SIZE = sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("-synth"))
-COMPONENTS = ("backbone", "neck", "view_transform", "lidar", "fuser", "temporal", "bev_encoder", "heads")
+COMPONENTS = ("backbone", "neck", "view_transform", "lidar", "fuser", "temporal", "map_prior", "bev_encoder", "heads")
 
 
 def load_preset(name: str, overrides: list[str]):

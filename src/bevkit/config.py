@@ -106,7 +106,11 @@ class TrainSection(_Frozen):
     """Optimisation and the Lightning trainer. ``precision``: ``32``, ``bf16`` (bf16-mixed) or
     ``16-mixed`` (CUDA only). ``checkpoint_every``: also keep a checkpoint every N optimizer steps
     (0: off); ``last.ckpt`` is refreshed then and at every epoch end. ``ema``: decay of the exponential
-    moving average of the weights (None: off), used for evaluation and saved in checkpoints."""
+    moving average of the weights (None: off), used for evaluation and saved in checkpoints.
+    ``init_from``: a bevkit checkpoint whose weights (its EMA if it has one) start a new run, as Neural
+    Map Prior's second stage starts from the trained baseline: every tensor of it must fit the model;
+    the model's tensors it lacks (e.g. a newly added map prior) keep their initialisation. Ignored
+    when resuming."""
 
     epochs: int = 24
     max_steps: int = -1
@@ -128,6 +132,7 @@ class TrainSection(_Frozen):
     deterministic: bool = False
     log_every: int = 10
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -143,9 +148,18 @@ class TrainSection(_Frozen):
 class EvalSection(_Frozen):
     """How validation and ``bevkit eval`` score detections. ``max_range`` (m) caps every class range of
     ``detection_cvpr_2019`` for a model whose BEV grid is smaller than the benchmark's 30-50 m (the
-    small synthetic presets); None, the default, is the benchmark as defined."""
+    small synthetic presets); None, the default, is the benchmark as defined. ``map_prior``: how a model
+    with a map prior is evaluated: ``online`` (the default, as Neural Map Prior) fills an empty global
+    memory in the split's (scene, time) order while evaluating; ``empty`` reads an empty prior for every
+    sample (every street seen for the first time), the ablation that shows what the memory adds."""
 
     max_range: float | None = Field(default=None, gt=0)
+    map_prior: Literal["online", "empty"] = "online"
+
+
+# Model keys added after the first release (dotted paths); absent (None) they leave
+# ``ExperimentConfig.digest`` unchanged.
+OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net")
 
 
 class ExperimentConfig(_Frozen):
@@ -162,8 +176,18 @@ class ExperimentConfig(_Frozen):
         return json.loads(self.model_dump_json())
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of the model and data sections (what produced a feature)."""
+        """sha256 of the canonical JSON of the model and data sections (what produced a feature).
+
+        Model components added after the first release (``OPTIONAL_SINCE_V1``) enter only when set, so
+        an older config keeps its digest and its cached features stay valid."""
         d = self.to_dict()
+        for key in OPTIONAL_SINCE_V1:
+            *parents, leaf = key.split(".")
+            node = d["model"]
+            for k in parents:
+                node = node.get(k) if isinstance(node, dict) else None
+            if isinstance(node, dict) and node.get(leaf, 0) is None:
+                node.pop(leaf)
         canon = json.dumps({"model": d["model"], "data": d["data"]}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 

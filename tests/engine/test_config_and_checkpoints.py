@@ -104,3 +104,17 @@ def test_the_run_folder_keeps_last_and_the_best_after_validation(trained_run):
     assert names == ["best-epoch000.ckpt", "last.ckpt"], names
     cfg, model = load_model(last.parent / "best-epoch000.ckpt")
     assert cfg.model.name == "pp-test" and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_config_digest_ignores_later_components_left_unset():
+    # A BEV feature cache is keyed by ExperimentConfig.digest(); keys added to the model config later
+    # (map_prior, view_transform.depth_net) must not change the digest of configs that leave them unset,
+    # or every existing cache would be refused. The figure is the default config's digest before they existed.
+    from bevkit.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    assert cfg.digest() == "fb5e5a7535fb77897ce03285496f15b849b369062357ff27fbcf074103f63c22"
+    with_prior = ExperimentConfig(**{**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "map_prior": {}}})
+    deeper = cfg.to_dict()
+    deeper["model"]["view_transform"]["depth_net"] = "bevdepth"
+    assert len({cfg.digest(), with_prior.digest(), ExperimentConfig(**deeper).digest()}) == 3

@@ -25,6 +25,8 @@ def expected_shapes(cfg, b: int, n: int) -> dict:
         out["depth"] = (b, n, d, H // 16, W // 16)
     c = cfg.fuser.channels if cfg.fuser else (cfg.view_transform or cfg.lidar).channels
     out["bev"] = (b, c, ny, nx)
+    if cfg.map_prior is not None:
+        out["map_prior_update"] = (b, c, ny, nx)
     if cfg.heads.map is not None:
         up = cfg.heads.map.upsample
         out["map"] = (b, len(cfg.heads.map.classes), ny * up, nx * up)

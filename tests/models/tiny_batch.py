@@ -100,6 +100,14 @@ def make_batch(cfg=None, n_cams: int = 2, batch: int = 2, seed: int = 0) -> dict
             m[i, 2, -4:-2, :] = 1
             m[i, 3, 2 + i: -2, :] = 1  # drivable between them
         out["map"] = m
+    if cfg is not None and cfg.map_prior is not None:
+        # What a global map memory returns after earlier traversals: features on part of the grid
+        # (the rest never observed, zero).
+        ny, nx = cfg.grid.shape
+        c = cfg.fuser.channels if cfg.fuser else (cfg.view_transform or cfg.lidar).channels
+        prior = torch.randn(batch, c, ny, nx, generator=gen)
+        prior[:, :, :, nx // 2:] = 0
+        out["map_prior"] = prior
     if cfg is not None and cfg.heads.occupancy is not None:
         # Labels 4x finer than the prediction along each axis (Occ3D's 200 x 200 x 16 for a 50 x 50 x 4 model).
         f = 4

@@ -160,6 +160,7 @@ class NuScenesDataset(Dataset):
         boxes = transform_boxes(boxes, bev_aug)
         out = {
             "token": s["token"], "scene": self.index.scenes[s["scene_token"]]["name"], "timestamp": s["timestamp"],
+            "location": self.index.location(s),
             "prev": s["prev"], "next": s["next"],
             "images": torch.stack(images) if images else torch.zeros(0, 3, *cfg.image_size, dtype=torch.uint8),
             "intrinsics": torch.tensor(np.array(intr), dtype=torch.float32).reshape(-1, 3, 3),

@@ -67,6 +67,28 @@ def load_model(path, ema: bool = True) -> tuple[ExperimentConfig, BEVModel]:
     return cfg, model.eval()
 
 
+def init_weights(model: BEVModel, path) -> list[str]:
+    """Load a checkpoint's weights (its EMA if it has one) into ``model`` to start a new run.
+
+    Every checkpoint tensor must exist in the model with the same shape; model tensors the checkpoint
+    lacks keep their initialisation. Returns the names of those fresh tensors.
+    """
+    state = model_state(read_checkpoint(path), ema=True)
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise CheckpointError(f"{path}: {len(unknown)} of its tensors are not in this model "
+                              f"(e.g. {', '.join(unknown[:3])}); init_from needs the same architecture plus "
+                              f"optional new modules")
+    misfit = sorted(k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape))
+    if misfit:
+        k = misfit[0]
+        raise CheckpointError(f"{path}: {len(misfit)} tensors differ in shape from this model's "
+                              f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+    model.load_state_dict(state, strict=False)
+    return sorted(k for k in own if k not in state)
+
+
 def check_same_model(cfg: ExperimentConfig, saved: ExperimentConfig, path) -> None:
     """The config given on the command line must describe the checkpoint's model (data may differ)."""
     a, b = cfg.to_dict()["model"], saved.to_dict()["model"]

@@ -145,15 +145,20 @@ class SceneSampler(Sampler[int]):
     without a scene gets one filler sample, marked ``filler`` in the batch, that evaluation skips).
     ``shuffle=True`` (training): a permutation seeded by (seed, epoch), split evenly over ranks, the
     last ranks wrapping around to the start so all have ``ceil(n / world)``.
+    ``shuffle=True, time_order=True`` (training with a map prior, as Neural Map Prior trains): the scenes
+    in a permutation seeded by (seed, epoch), each scene's samples in time order, cut into ``world``
+    contiguous runs of ``ceil(n / world)`` (wrapping around), one per rank.
     ``skip``: indices to leave out at the start of the next pass (mid-epoch resume); reset after it.
     Yields ``(index, epoch)`` so that the dataset draws the epoch's augmentation in any worker.
     """
 
-    def __init__(self, scenes: list[str], shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, scenes: list[str], shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 time_order: bool = False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.scenes = list(scenes)
         self.shuffle = shuffle
+        self.time_order = time_order
         self.seed = seed
         self.rank = rank
         self.world = world
@@ -167,8 +172,15 @@ class SceneSampler(Sampler[int]):
         n = len(self.scenes)
         if not self.shuffle:
             return split_scenes_over_ranks(self.scenes, self.world)[self.rank]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n).tolist()
+        rng = np.random.default_rng([self.seed, self.epoch])
         per = math.ceil(n / self.world)
+        if self.time_order:  # samples are in (scene, time) order: permute whole scenes
+            starts = [i for i in range(n) if i == 0 or self.scenes[i] != self.scenes[i - 1]] + [n]
+            runs = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+            order = [i for k in rng.permutation(len(runs)).tolist() for i in runs[k]]
+            order = (order * (1 + (per * self.world) // max(n, 1)))[: per * self.world]
+            return order[self.rank * per:(self.rank + 1) * per]
+        order = rng.permutation(n).tolist()
         order = (order * (1 + (per * self.world) // max(n, 1)))[: per * self.world]
         return order[self.rank:: self.world]
 
@@ -252,7 +264,8 @@ class BEVDataModule(L.LightningDataModule):
     def _loader(self, ds: HistoryDataset, shuffle: bool, batch_size: int, cls=DataLoader) -> DataLoader:
         rank, world = self._rank_world()
         scenes = [ds.base.index.scenes[s["scene_token"]]["name"] for s in ds.base.samples]
-        sampler = SceneSampler(scenes, shuffle=shuffle, seed=self.cfg.train.seed, rank=rank, world=world)
+        sampler = SceneSampler(scenes, shuffle=shuffle, seed=self.cfg.train.seed, rank=rank, world=world,
+                               time_order=self.cfg.model.map_prior is not None)
         workers = self.cfg.data.workers
         return cls(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_history,
                    persistent_workers=workers > 0, worker_init_fn=_worker_init,

@@ -22,6 +22,7 @@ from bevkit.eval.groundtruth import load_detection_gt
 from bevkit.eval.map_seg import MapIoU
 from bevkit.eval.occupancy import OccupancyMIoU
 from bevkit.models.build import build_model
+from bevkit.models.map_prior import MapPriorMemory
 
 CHECKPOINT_SCHEMA = 1
 
@@ -65,6 +66,20 @@ def with_history(model, batch: dict) -> dict:
     return dict(batch, prev_bev=torch.stack(prev, dim=1))
 
 
+def global_from_bev(batch: dict) -> Tensor:
+    """The pose of each sample's BEV frame (the ego frame after the BEV augmentation ``bev_aug``) in the
+    global frame: ``global_from_ego @ inv(bev_aug)``, in float64.
+
+    Shapes:
+        returns: (B, 4, 4)
+    """
+    g = batch["global_from_ego"].double()
+    aug = batch.get("bev_aug")
+    if aug is None:
+        return g
+    return g @ torch.linalg.inv(aug.to(g))
+
+
 class BEVLitModule(L.LightningModule):
     """Training and evaluation of one ``BEVModel``.
 
@@ -73,6 +88,11 @@ class BEVLitModule(L.LightningModule):
     the averaged weights are evaluated. After an evaluation, ``self.results`` holds
     ``{"detection": DetectionResult, "map": {...}, "occupancy": {...}}`` and, if ``collect_results``,
     ``self.submission`` the official results-format boxes per sample token.
+
+    With a map prior (Neural Map Prior), two global map memories are kept beside the model: one for
+    training, emptied at the start of every training epoch, and one for evaluation, emptied at the start
+    of every evaluation and filled online in the split's (scene, time) order, so a sample reads only
+    what earlier samples of the split wrote. Neither is differentiated through or saved in checkpoints.
     """
 
     def __init__(self, cfg: ExperimentConfig, eval_split: str | None = None, collect_results: bool = False):
@@ -86,17 +106,41 @@ class BEVLitModule(L.LightningModule):
         self._backup: dict[str, Tensor] | None = None
         self.results: dict = {}
         self.submission: dict[str, list] = {}
+        self.memories: dict[str, MapPriorMemory] = {}
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def run(self, batch: dict) -> dict:
-        """The model on a collated batch; history frames (if any) are encoded first, without gradient."""
-        return self.model(with_history(self.model, batch))
+    def memory(self, stage: str) -> MapPriorMemory:
+        """The global map memory of ``stage`` ("train" or "eval"), created empty on first use."""
+        if stage not in self.memories:
+            mp, grid = self.cfg.model.map_prior, self.cfg.model.grid
+            channels = self.model.map_prior.pos.shape[1]
+            self.memories[stage] = MapPriorMemory(channels, grid.xbound[2], mp.tile, getattr(torch, mp.memory_dtype),
+                                                  self.device)
+        return self.memories[stage]
+
+    def run(self, batch: dict, stage: str = "eval") -> dict:
+        """The model on a collated batch; history frames (if any) are encoded first, without gradient.
+        With a map prior, the prior is read from the ``stage`` memory and the model's update written back
+        (in evaluation with ``eval.map_prior: empty``, the prior is empty and nothing is written)."""
+        batch = with_history(self.model, batch)
+        if self.model.map_prior is None or (stage == "eval" and self.cfg.eval.map_prior == "empty"):
+            return self.model(batch)
+        memory, grid = self.memory(stage), self.cfg.model.grid.spec()
+        poses = global_from_bev(batch)
+        prior, _ = memory.read(batch["location"], poses, grid, device=self.device)
+        out = self.model(dict(batch, map_prior=prior))
+        memory.write(batch["location"], poses, grid, out["map_prior_update"])
+        return out
 
     # ---- training --------------------------------------------------------------------------------
 
+    def on_train_epoch_start(self) -> None:
+        if "train" in self.memories:
+            self.memories["train"].reset()
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.run(batch)
+        out = self.run(batch, "train")
         terms = self.model.loss(out, batch)
         bs = len(batch["token"])
         for k, v in terms.items():
@@ -187,6 +231,8 @@ class BEVLitModule(L.LightningModule):
             self._backup = None
 
     def on_validation_epoch_start(self) -> None:
+        if "eval" in self.memories:
+            self.memories["eval"].reset()
         self._swap_ema()
         heads = self.cfg.model.heads
         self._det = (DetectionEvaluator(self._detection_gt(), detection_config(self.cfg.eval.max_range))

@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bevkit.atomic import write_text_atomic
 from bevkit.config import ConfigError, ExperimentConfig
@@ -36,6 +37,7 @@ from bevkit.engine.checkpoint import (
     CheckpointError,
     check_same_model,
     checkpoint_config,
+    init_weights,
     model_state,
     read_checkpoint,
 )
@@ -150,6 +152,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
                           f"--overwrite to start afresh there, or choose another out")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = BEVLitModule(cfg)
+    if cfg.train.init_from and not resume:
+        fresh = init_weights(module.model, cfg.train.init_from)
+        groups = sorted({k.split(".")[0] for k in fresh})
+        if rank_zero_only.rank == 0:
+            print(f"weights from {cfg.train.init_from}; {len(fresh)} tensors start fresh"
+                  + (f" ({', '.join(groups)})" if groups else ""), flush=True)
     dm = BEVDataModule(cfg)
     cbs = [LastCheckpoint(last, cfg.train.checkpoint_every),
            # best: judged after each validation only (never at a training epoch's end, where the

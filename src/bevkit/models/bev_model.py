@@ -10,6 +10,9 @@ reads only the keys its branches need:
   (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4).
   The caller keeps the returned ``bev`` of each frame and passes it back with the next one; the
   model stores nothing between calls.
+- map prior (Neural Map Prior): optional ``map_prior`` (B, C, Y, X), the global map memory read on
+  this batch's grid (``models.map_prior.MapPriorMemory.read``); the model returns the fused map as
+  ``map_prior_update`` for the caller to write back. Without it the prior is zero (nothing observed).
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from torch import Tensor, nn
 from bevkit.data.dataset import normalise
 from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
+from bevkit.models.map_prior import MapPriorFusion
 from bevkit.models.view_transforms import depth_loss, depth_targets
 
 
 class BEVModel(nn.Module):
-    """Backbone + neck + view transform (camera), pillars (LiDAR), fuser, temporal, BEV encoder, heads."""
+    """Backbone + neck + view transform (camera), pillars (LiDAR), fuser, temporal, map prior, BEV
+    encoder, heads."""
 
     def __init__(self, cfg: ModelConfig, backbone: nn.Module | None, neck: nn.Module | None,
                  view_transform: nn.Module | None, lidar: nn.Module | None, fuser: nn.Module | None,
-                 temporal: nn.Module | None, bev_encoder: nn.Module, heads: dict[str, nn.Module]):
+                 temporal: nn.Module | None, bev_encoder: nn.Module, heads: dict[str, nn.Module],
+                 map_prior: MapPriorFusion | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -37,6 +43,7 @@ class BEVModel(nn.Module):
         self.lidar = lidar
         self.fuser = fuser
         self.temporal = temporal
+        self.map_prior = map_prior
         self.bev_encoder = bev_encoder
         self.heads = nn.ModuleDict(heads)
 
@@ -71,16 +78,29 @@ class BEVModel(nn.Module):
         bev = self.fuser(bevs) if self.fuser is not None else bevs[0]  # (B, C, Y, X)
         return bev, depth
 
+    def fuse(self, bev: Tensor, batch: dict) -> tuple[Tensor, Tensor | None]:
+        """Temporal fusion (with ``batch["prev_bev"]`` / ``curr_from_prev`` when present), then the map
+        prior (with ``batch["map_prior"]`` when present): the map the BEV encoder reads, and the map
+        prior's update for the global memory (None without a map prior).
+
+        Shapes:
+            bev: (B, C_bev, Y, X)   returns: (B, C, Y, X), (B, C, Y, X) or None
+        """
+        if self.temporal is not None:
+            bev = self.temporal(bev, batch.get("prev_bev"), batch.get("curr_from_prev"))
+        if self.map_prior is None:
+            return bev, None
+        fused = self.map_prior(bev, batch.get("map_prior"))
+        return fused, fused
+
     def features(self, bev: Tensor, batch: dict) -> Tensor:
-        """Temporal fusion (with ``batch["prev_bev"]`` / ``curr_from_prev`` when present) and the BEV
-        encoder: the map every head reads (what ``bevkit cache`` stores).
+        """Temporal fusion, the map prior and the BEV encoder: the map every head reads (what
+        ``bevkit cache`` stores).
 
         Shapes:
             bev: (B, C_bev, Y, X)   returns: (B, C_enc, Y, X)
         """
-        if self.temporal is not None:
-            bev = self.temporal(bev, batch.get("prev_bev"), batch.get("curr_from_prev"))
-        return self.bev_encoder(bev)
+        return self.bev_encoder(self.fuse(bev, batch)[0])
 
     def forward(self, batch: dict) -> dict:
         """Run every branch and head.
@@ -90,7 +110,9 @@ class BEVModel(nn.Module):
         Shapes:
             returns: {"bev": (B, C_bev, Y, X) the fused BEV before temporal fusion (next frame's
                       state), "features": (B, C_enc, Y, X) the BEV encoder's output,
-                      "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``, and one entry per head:
+                      "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``,
+                      "map_prior_update": (B, C, Y, X) with a map prior (write it back to the memory),
+                      and one entry per head:
                       "detection" (see ``CenterHead.forward``), "map" (B, K, Y', X'),
                       "occupancy" (B, 18, Z, Y, X)}
         """
@@ -98,7 +120,10 @@ class BEVModel(nn.Module):
         out: dict = {"bev": bev}
         if depth is not None:
             out["depth"] = depth
-        x = self.features(bev, batch)
+        fused, update = self.fuse(bev, batch)
+        if update is not None:
+            out["map_prior_update"] = update
+        x = self.bev_encoder(fused)
         out["features"] = x
         for name, head in self.heads.items():
             out[name] = head(x)

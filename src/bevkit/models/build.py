@@ -19,6 +19,7 @@ from bevkit.models.config import ModelConfig
 from bevkit.models.fusion import ConvFuser
 from bevkit.models.heads import CenterHead, MapSegHead, OccupancyHead
 from bevkit.models.lidar import PointPillars
+from bevkit.models.map_prior import MapPriorFusion
 from bevkit.models.necks import FPN, LSSFPN
 from bevkit.models.temporal import BEVDet4D
 from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, LiftSplat
@@ -30,6 +31,7 @@ VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "
 LIDAR_ENCODERS = {"pillars": PointPillars}
 FUSERS = {"conv": ConvFuser}
 TEMPORAL = {"bevdet4d": BEVDet4D}
+MAP_PRIORS = {"nmp": MapPriorFusion}
 BEV_ENCODERS = {"resnet": ResNetBEV}
 HEADS = {"detection": CenterHead, "map": MapSegHead, "occupancy": OccupancyHead}
 # The deformable attention of the BEVFormer encoder (``view_transform.deform_attn``): same results,
@@ -47,7 +49,7 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
     """Build the model a config describes; with ``load_checkpoint``, the backbone's local
     checkpoint (``cfg.backbone.checkpoint``) is loaded (``weights_only=True``)."""
     grid = cfg.grid
-    backbone = neck = view_transform = lidar = fuser = temporal = None
+    backbone = neck = view_transform = lidar = fuser = temporal = map_prior = None
     bev_channels = []
     if cfg.view_transform is not None:
         vt = cfg.view_transform
@@ -60,7 +62,7 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
             view_transform = LiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride)
         elif cls is CameraAwareLiftSplat:
             view_transform = CameraAwareLiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride,
-                                                  vt.depth_net_channels)
+                                                  vt.depth_net_channels, vt.depth_net or "simple")
         elif cls is BEVFormerEncoder:
             view_transform = BEVFormerEncoder(neck.channels, vt.channels, grid, neck.stride, vt.layers, vt.heads,
                                               vt.num_z, vt.points_per_z, vt.tsa_points, vt.ffn,
@@ -81,6 +83,10 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
     if cfg.temporal is not None:
         temporal = _lookup(TEMPORAL, cfg.temporal.type, "temporal fusion")(grid, channels, cfg.temporal.frames)
         channels = temporal.out_channels
+    if cfg.map_prior is not None:
+        mp = cfg.map_prior
+        map_prior = _lookup(MAP_PRIORS, mp.type, "map prior")(channels, grid.shape, mp.heads, mp.window, mp.ffn,
+                                                               mp.kernel)
     be = cfg.bev_encoder
     bev_encoder = _lookup(BEV_ENCODERS, be.type, "BEV encoder")(channels, be.channels, be.blocks, be.out_channels)
     heads = {}
@@ -90,7 +96,7 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
         heads["map"] = HEADS["map"](be.out_channels, cfg.heads.map)
     if cfg.heads.occupancy is not None:
         heads["occupancy"] = HEADS["occupancy"](be.out_channels, cfg.heads.occupancy)
-    return BEVModel(cfg, backbone, neck, view_transform, lidar, fuser, temporal, bev_encoder, heads)
+    return BEVModel(cfg, backbone, neck, view_transform, lidar, fuser, temporal, bev_encoder, heads, map_prior)
 
 
 def load_config(path: str | Path) -> ModelConfig:

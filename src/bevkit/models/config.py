@@ -7,6 +7,8 @@ of :mod:`bevkit.models.build`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from bevkit.data.maps import MAP_CLASSES
@@ -68,7 +70,9 @@ class ViewTransformConfig(Frozen):
     axis; ``depth_loss_weight`` > 0 adds BEVDepth's loss from LiDAR points. ``bilinear``: voxel
     centres at ``num_z`` heights in ``zbound`` of the grid are sampled in every camera.
     ``lss_camera_aware``: lift-splat with BEVDepth's camera-aware depth net of
-    ``depth_net_channels`` channels. ``deform``: BEVFormer's encoder, ``layers`` x (temporal self-attention with ``tsa_points``
+    ``depth_net_channels`` channels; ``depth_net``: None (one 3x3 conv before the depth classifier) or
+    ``bevdepth`` (BEVDepth's residual blocks, ASPP and deformable conv, with squeeze-and-excitation
+    camera gates). ``deform``: BEVFormer's encoder, ``layers`` x (temporal self-attention with ``tsa_points``
     samples per head and map, spatial cross-attention at ``num_z`` pillar heights with
     ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
     names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse CSR path;
@@ -80,6 +84,7 @@ class ViewTransformConfig(Frozen):
     dbound: Bound = (1.0, 60.0, 1.0)
     depth_loss_weight: float = 0.0
     depth_net_channels: int = 256
+    depth_net: Literal["bevdepth"] | None = None
     num_z: int = 8
     layers: int = 3
     heads: int = 8
@@ -111,6 +116,21 @@ class TemporalConfig(Frozen):
 
     type: str = "bevdet4d"
     frames: int = 2
+
+
+class MapPriorConfig(Frozen):
+    """Neural Map Prior: a global map memory of the BEV features (before the BEV encoder), fused with
+    the current BEV by current-to-prior window attention (``heads``, ``window`` cells square, FFN of
+    width ``ffn``) and a ConvGRU (``kernel``). The memory is a raster at the BEV grid's cell size in
+    tiles of ``tile`` cells, stored in ``memory_dtype``."""
+
+    type: str = "nmp"
+    heads: int = 8
+    window: int = 10
+    ffn: int = 512
+    kernel: int = 3
+    tile: int = 64
+    memory_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 class BEVEncoderConfig(Frozen):
@@ -201,6 +221,7 @@ class ModelConfig(Frozen):
     lidar: LidarConfig | None = None
     fuser: FuserConfig | None = None
     temporal: TemporalConfig | None = None
+    map_prior: MapPriorConfig | None = None
     bev_encoder: BEVEncoderConfig = BEVEncoderConfig()
     heads: HeadsConfig = HeadsConfig(detection=DetectionHeadConfig())
 
@@ -215,6 +236,10 @@ class ModelConfig(Frozen):
         if self.view_transform is not None and self.view_transform.type == "deform" and self.temporal is not None:
             raise ValueError("model: the deform (BEVFormer) view transform does its own temporal fusion; "
                              "temporal must be null")
+        if self.map_prior is not None:
+            (_, _, dx), (_, _, dy) = self.grid.xbound, self.grid.ybound
+            if abs(dx - dy) > 1e-9:
+                raise ValueError("model: a map prior needs square BEV cells (grid dx == dy)")
         if not any(h is not None for h in (self.heads.detection, self.heads.map, self.heads.occupancy)):
             raise ValueError("model: at least one head")
         return self

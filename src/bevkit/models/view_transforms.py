@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bevkit.models.config import GridConfig
-from bevkit.ops import bev_pool, bev_pool_plan
+from bevkit.ops import bev_pool, bev_pool_plan, deform_conv2d
 
 
 def rigid_inverse(m: Tensor) -> Tensor:
@@ -137,25 +137,108 @@ def camera_parameters(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor)
     return torch.cat([k, img_aug[..., :2, :].flatten(-2), ego_from_cam[..., :3, :].flatten(-2)], -1).flatten(0, 1)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block (two 3x3 conv + BN, identity shortcut)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLab v3) as BEVDepth's depth branch uses it: a 1x1 conv,
+    3x3 convs at dilations 6, 12 and 18, and global average pooling, each to ``channels`` with BN +
+    ReLU, concatenated and fused by a 1x1 conv (BN, ReLU, dropout 0.5)."""
+
+    def __init__(self, channels: int, dilations: tuple[int, ...] = (1, 6, 12, 18)):
+        super().__init__()
+
+        def branch(k: int, d: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(channels, channels, k, padding=0 if k == 1 else d, dilation=d, bias=False),
+                                 nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([branch(1 if d == 1 else 3, d) for d in dilations])
+        self.pool = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(nn.Conv2d(channels * (len(dilations) + 1), channels, 1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Dropout(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
+        return self.fuse(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+
+
+class DeformConv2d(nn.Module):
+    """A 3x3 deformable convolution (DCN v1, mmcv's ``DCN`` as BEVDepth configures it: no bias,
+    ``groups`` weight groups, one offset group) whose offsets come from a 3x3 conv initialised to zero,
+    so it starts as an ordinary convolution. Pure PyTorch (``ops.deform_conv2d``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1, kernel: int = 3):
+        super().__init__()
+        self.padding, self.groups = kernel // 2, groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel, kernel))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.offset = nn.Conv2d(in_channels, 2 * kernel * kernel, kernel, padding=kernel // 2)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return deform_conv2d(x, self.offset(x), self.weight, padding=self.padding, groups=self.groups)
+
+
+class SEGate(nn.Module):
+    """BEVDepth's squeeze-and-excitation by camera parameters: ``x * sigmoid(expand(relu(reduce(g))))``
+    with 1x1 convs, ``g`` the MLP embedding of the camera."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels, 1)
+        self.expand = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(g))))
+
+
 class CameraAwareLiftSplat(LiftSplat):
     """BEVDepth's depth net on lift-splat: a 3x3 reduction, then context and depth branches each
-    gated (squeeze-and-excitation) by an MLP of the camera parameters (intrinsics, image
-    augmentation, extrinsics; batch-normalised), so the depth distribution can depend on the camera
-    and its augmentation. Lifting and pooling are LiftSplat's."""
+    gated by an MLP of the camera parameters (intrinsics, image augmentation, extrinsics;
+    batch-normalised), so the depth distribution can depend on the camera and its augmentation.
+    Lifting and pooling are LiftSplat's.
+
+    ``depth_net``: ``simple`` gates each branch by the sigmoid of the MLP and predicts depth with one
+    3x3 conv; ``bevdepth`` is BEVDepth's: squeeze-and-excitation gates (1x1 reduce / expand), and a
+    depth branch of three residual blocks, ASPP and a deformable convolution (4 groups) before the
+    1x1 depth classifier."""
 
     def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
-                 stride: int, mid_channels: int = 256):
+                 stride: int, mid_channels: int = 256, depth_net: str = "simple"):
         super().__init__(in_channels, channels, grid, dbound, stride)
         del self.depthnet
+        if depth_net not in ("simple", "bevdepth"):
+            raise ValueError(f"unknown depth_net {depth_net!r}; choose 'simple' or 'bevdepth'")
         mid = mid_channels
+        self.depth_net = depth_net
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid),
                                     nn.ReLU(inplace=True))
         self.param_norm = nn.BatchNorm1d(22)
         self.depth_mlp = nn.Sequential(nn.Linear(22, mid), nn.ReLU(inplace=True), nn.Linear(mid, mid))
         self.context_mlp = nn.Sequential(nn.Linear(22, mid), nn.ReLU(inplace=True), nn.Linear(mid, mid))
         self.context_out = nn.Conv2d(mid, channels, 1)
-        self.depth_out = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid),
-                                       nn.ReLU(inplace=True), nn.Conv2d(mid, self.num_bins, 1))
+        if depth_net == "simple":
+            self.depth_out = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid),
+                                           nn.ReLU(inplace=True), nn.Conv2d(mid, self.num_bins, 1))
+        else:
+            if mid % 4:
+                raise ValueError(f"depth_net 'bevdepth': depth_net_channels {mid} must divide into 4 groups")
+            self.depth_gate, self.context_gate = SEGate(mid), SEGate(mid)
+            self.depth_out = nn.Sequential(BasicBlock(mid), BasicBlock(mid), BasicBlock(mid), ASPP(mid),
+                                           DeformConv2d(mid, mid, groups=4), nn.Conv2d(mid, self.num_bins, 1))
 
     def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
                           ego_from_cam: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,9 +248,11 @@ class CameraAwareLiftSplat(LiftSplat):
         """
         x = self.reduce(feats.flatten(0, 1))  # (B*N, mid, H, W)
         params = self.param_norm(camera_parameters(intrinsics, img_aug, ego_from_cam).to(x.dtype))  # (B*N, 22)
-        ctx_gate = torch.sigmoid(self.context_mlp(params))[..., None, None]  # (B*N, mid, 1, 1)
-        depth_gate = torch.sigmoid(self.depth_mlp(params))[..., None, None]
-        return self.depth_out(x * depth_gate), self.context_out(x * ctx_gate)
+        ctx_embed = self.context_mlp(params)[..., None, None]  # (B*N, mid, 1, 1)
+        depth_embed = self.depth_mlp(params)[..., None, None]
+        if self.depth_net == "simple":
+            return self.depth_out(x * torch.sigmoid(depth_embed)), self.context_out(x * torch.sigmoid(ctx_embed))
+        return self.depth_out(self.depth_gate(x, depth_embed)), self.context_out(self.context_gate(x, ctx_embed))
 
 
 def depth_targets(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
