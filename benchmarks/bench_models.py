@@ -12,9 +12,11 @@ torch thread:
   random points (default 300 000) over the grid for presets with a LiDAR branch. GFLOPs as the
   counter defines them (2 per multiply-add). The counter has no rule for sparse tensors: the CSR
   products of ``ops.bev_pool`` and ``ops.deform_attn`` dispatch to ``aten.mm`` and are counted as
-  if the sparse matrix were dense; every ``aten.mm`` inside the view transform is one of them
-  (its linear layers are ``aten.addmm``), so ``sparse_as_dense`` is the view transform's
-  ``aten.mm`` count and ``without_sparse`` the total minus it.
+  if the sparse matrix were dense. They run in the code of the view transform's modules and of the
+  DETR decoder's cross-attention modules themselves, while their linear layers are child modules
+  (counted apart, as ``aten.addmm``, or ``aten.mm`` for 3-D inputs), so ``sparse_as_dense`` is the
+  ``aten.mm`` those modules count for themselves, minus their counted submodules', and
+  ``without_sparse`` the total minus it.
 - ``train-memory``: one training step (forward + loss + backward, no optimiser step) at batch 1
   on a sample of a nuScenes-format dataset read exactly as ``bevkit train`` reads it
   (``engine.data.data_config`` for the preset without augmentation, ``HistoryDataset`` for the
@@ -42,6 +44,7 @@ import argparse
 import gc
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -141,13 +144,27 @@ def child_flops(exp, points: int) -> dict:
                                                    and "." not in k[len(prefix) + 1:]]
         return sum(v for n in names for k, v in counts[n].items() if op is None or str(k) == op) / 1e9
 
+    def own(name: str, op: str) -> float:
+        # What a module computes itself, not through its submodules: counts are inclusive, and a
+        # container that is never called (a ModuleList) has no entry, so the nearest counted
+        # descendants are subtracted.
+        below = [k for k in counts if k.startswith(name + ".")]
+        kids = [k for k in below if not any(k.startswith(o + ".") for o in below if o != k)]
+        mine = sum(v for k, v in counts.get(name, {}).items() if str(k) == op)
+        return (mine - sum(v for kid in kids for k, v in counts[kid].items() if str(k) == op)) / 1e9
+
     everything = total("Global")
-    sparse = total("BEVModel.view_transform", "aten.mm")
+    # The CSR products of ops.bev_pool / ops.deform_attn dispatch to aten.mm inside the view transform's
+    # modules and the DETR decoder's cross-attention (their Linear layers are counted apart, as children).
+    decoder = re.compile(r"BEVModel\.heads\.detection\.layers\.\d+\.cross_attn")
+    head_sparse = sum(own(n, "aten.mm") for n in counts if decoder.fullmatch(n))
+    sparse = sum(own(n, "aten.mm") for n in counts if n == "BEVModel.view_transform"
+                 or n.startswith("BEVModel.view_transform.")) + head_sparse
     return {"image": None if exp.model.view_transform is None else "x".join(map(str, exp.data.image_size)),
             "points": points if exp.model.lidar is not None else 0,
             "gflops": everything, "sparse_as_dense": sparse, "without_sparse": everything - sparse,
             "backbone": total("BEVModel.backbone") if exp.model.view_transform is not None else None,
-            "bev_encoder": total("BEVModel.bev_encoder"), "heads": total("BEVModel.heads"),
+            "bev_encoder": total("BEVModel.bev_encoder"), "heads": total("BEVModel.heads") - head_sparse,
             "by_component": {name: total(f"BEVModel.{name}") for name in COMPONENTS},
             "seconds": seconds}
 

@@ -5,7 +5,9 @@ trained here for ``--epochs``. Stage 2 starts twice from it, with the same budge
 baseline trained further (``nmp-synth``), once with the global map memory added (``nmp-prior-synth``,
 ``train.init_from``). Both are scored on the val split; the map-prior model twice, with its memory filled
 online in (scene, time) order (NMP's protocol) and with an empty prior for every sample (the ablation
-that isolates the memory from the extra layers). Every step is a ``bevkit`` command in its own process,
+that isolates the memory from the extra layers). The map-prior model is trained twice: visiting each
+scene's keyframes in time order (NMP's protocol, ``train.order: auto``) and shuffled like the
+baseline (``train.order=shuffle``), which separates the effect of the order from the prior's. Every step is a ``bevkit`` command in its own process,
 printed before it runs, with the same shared budget as ``compare_presets.py``.
 
     python benchmarks/compare_map_prior.py --data runs/synth-small --out runs/map-prior \\
@@ -76,7 +78,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"{base}: no such checkpoint")
     init = [f"train.init_from={base}"]
     records.append(stage("baseline", "nmp-synth", args, init, {"": []}))
-    records.append(stage("prior", "nmp-prior-synth", args, init, {"": [], "-empty-prior": ["eval.map_prior=empty"]}))
+    both = {"": [], "-empty-prior": ["eval.map_prior=empty"]}
+    records.append(stage("prior", "nmp-prior-synth", args, init, both))  # scenes in time order, as NMP
+    records.append(stage("prior-shuffled", "nmp-prior-synth", args, [*init, "train.order=shuffle"], both))
     write_text_atomic(Path(args.out) / "compare_map_prior.json",
                       json.dumps({"args": vars(args), "records": records}, indent=2))
     print("| run | evaluated | " + " | ".join(CLASSES) + " | mIoU (NMP's three) |")

@@ -110,7 +110,9 @@ class TrainSection(_Frozen):
     ``init_from``: a bevkit checkpoint whose weights (its EMA if it has one) start a new run, as Neural
     Map Prior's second stage starts from the trained baseline: every tensor of it must fit the model;
     the model's tensors it lacks (e.g. a newly added map prior) keep their initialisation. Ignored
-    when resuming."""
+    when resuming. ``order``: how training visits samples: ``shuffle`` (a seeded permutation),
+    ``scenes`` (scenes in a seeded order, each scene's keyframes in time order, as Neural Map Prior
+    trains) or ``auto`` (``scenes`` for a model with a map prior, else ``shuffle``)."""
 
     epochs: int = 24
     max_steps: int = -1
@@ -133,6 +135,7 @@ class TrainSection(_Frozen):
     log_every: int = 10
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     init_from: str | None = None
+    order: Literal["auto", "shuffle", "scenes"] = "auto"
 
     @model_validator(mode="after")
     def _check(self):
@@ -159,7 +162,7 @@ class EvalSection(_Frozen):
 
 # Model keys added after the first release (dotted paths); absent (None) they leave
 # ``ExperimentConfig.digest`` unchanged.
-OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net")
+OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net", "heads.detr")
 
 
 class ExperimentConfig(_Frozen):

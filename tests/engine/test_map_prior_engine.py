@@ -51,7 +51,11 @@ def test_training_and_evaluation_fill_their_own_memories(tiny_root, tmp_path, in
     cfg = experiment_from_dict(map_experiment(tiny_root, tmp_path / "run", prior=True, bev_aug=True), "test")
     module = BEVLitModule(cfg)
     dm = BEVDataModule(cfg)
-    batches = iter(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    assert loader.sampler.time_order  # train.order: auto -> scenes in time order for a map prior
+    other = experiment_from_dict(map_experiment(tiny_root, tmp_path / "o", prior=True, order="shuffle"), "test")
+    assert not BEVDataModule(other).train_dataloader().sampler.time_order
+    batches = iter(loader)
     first, second = next(batches), next(batches)
     assert first["scene"][0] == second["scene"][0]  # one scene, in time order
     assert first["timestamp"][-1] < second["timestamp"][0]

@@ -60,6 +60,12 @@ def test_forward_shapes_and_every_parameter_gets_a_gradient(preset):
                 assert tuple(task[name].shape) == (2, c, ny, nx)
             if any(c in ("car", "pedestrian", "bicycle", "bus", "truck") for c in classes):
                 assert tuple(task["attr"].shape) == (2, len(cfg.heads.detection.attributes), ny, nx)
+    if cfg.heads.detr is not None:
+        d = cfg.heads.detr
+        det = out["detection"]
+        assert tuple(det["cls"].shape) == (d.layers, 2, d.num_queries, len(d.classes))
+        assert tuple(det["code"].shape) == (d.layers, 2, d.num_queries, 10)
+        assert tuple(det["attr"].shape) == (d.layers, 2, d.num_queries, len(d.attributes))
     losses = model.loss(out, batch)
     assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
@@ -121,6 +127,7 @@ def test_a_training_step_under_bf16_autocast(preset):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
         losses = model.loss(out, batch)
-    assert out["detection"][0]["heatmap"].dtype == torch.bfloat16
+    det = out["detection"]
+    assert (det["cls"] if isinstance(det, dict) else det[0]["heatmap"]).dtype == torch.bfloat16
     losses["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

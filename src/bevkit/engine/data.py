@@ -264,8 +264,10 @@ class BEVDataModule(L.LightningDataModule):
     def _loader(self, ds: HistoryDataset, shuffle: bool, batch_size: int, cls=DataLoader) -> DataLoader:
         rank, world = self._rank_world()
         scenes = [ds.base.index.scenes[s["scene_token"]]["name"] for s in ds.base.samples]
+        order = self.cfg.train.order
+        time_order = order == "scenes" or (order == "auto" and self.cfg.model.map_prior is not None)
         sampler = SceneSampler(scenes, shuffle=shuffle, seed=self.cfg.train.seed, rank=rank, world=world,
-                               time_order=self.cfg.model.map_prior is not None)
+                               time_order=time_order)
         workers = self.cfg.data.workers
         return cls(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_history,
                    persistent_workers=workers > 0, worker_init_fn=_worker_init,

@@ -236,7 +236,7 @@ class BEVLitModule(L.LightningModule):
         self._swap_ema()
         heads = self.cfg.model.heads
         self._det = (DetectionEvaluator(self._detection_gt(), detection_config(self.cfg.eval.max_range))
-                     if heads.detection is not None else None)
+                     if heads.boxes() is not None else None)
         self._map = MapIoU(tuple(heads.map.classes)) if heads.map is not None else None
         self._occ = OccupancyMIoU() if heads.occupancy is not None else None
         self.submission = {}
@@ -249,7 +249,7 @@ class BEVLitModule(L.LightningModule):
         out = self.run(batch)
         preds = self.model.decode(out)
         if self._det is not None:
-            names = self.cfg.model.heads.detection.attributes
+            names = self.cfg.model.heads.boxes().attributes
             for i, det in enumerate(preds["detection"]):
                 attrs = ["" if a < 0 else names[a] for a in det["attributes"].tolist()]
                 boxes = det["boxes"].float().cpu()
@@ -298,7 +298,7 @@ class BEVLitModule(L.LightningModule):
     def monitor(self) -> str:
         """The metric that picks the best checkpoint (higher is better)."""
         heads = self.cfg.model.heads
-        if heads.detection is not None:
+        if heads.boxes() is not None:
             return "val/NDS"
         return "val/map_mIoU" if heads.map is not None else "val/occ_mIoU"
 

@@ -233,7 +233,7 @@ def evaluate(cfg: ExperimentConfig, ckpt_path, split: str | None = None, out_dir
 def predict(cfg: ExperimentConfig, ckpt_path, out_file, split: str | None = None, progress: bool = True) -> dict:
     """The official nuScenes detection submission (``meta`` + ``results`` per sample token) for ``split``,
     written atomically to ``out_file`` on rank 0. Returns the submission dict."""
-    if cfg.model.heads.detection is None:
+    if cfg.model.heads.boxes() is None:
         raise ConfigError("predict: the model has no detection head; `bevkit eval` scores map and occupancy")
     split = split or cfg.data.val_split
     module = _load_for_eval(cfg, ckpt_path, split, collect=True)

@@ -58,3 +58,18 @@ class ResNetBEV(nn.Module):
         x = self.fuse(torch.cat([feats[0], x], dim=1))  # (B, mid, Y / 2, X / 2)
         x = F.interpolate(x, size=bev.shape[-2:], mode="bilinear", align_corners=False)
         return self.out(x)
+
+
+class NoBEVEncoder(nn.Module):
+    """No BEV encoder (``bev_encoder.type: none``): the heads read the fused BEV itself, as BEVFormer's
+    detection head reads its encoder's BEV directly. ``out_channels`` is the input's."""
+
+    def __init__(self, in_channels: int, *_):
+        super().__init__()
+        self.out_channels = in_channels
+
+    def forward(self, bev: Tensor) -> Tensor:
+        """Shapes:
+            bev: (B, C, Y, X)   returns: the same tensor
+        """
+        return bev

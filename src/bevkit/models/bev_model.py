@@ -90,8 +90,7 @@ class BEVModel(nn.Module):
             bev = self.temporal(bev, batch.get("prev_bev"), batch.get("curr_from_prev"))
         if self.map_prior is None:
             return bev, None
-        fused = self.map_prior(bev, batch.get("map_prior"))
-        return fused, fused
+        return self.map_prior(bev, batch.get("map_prior"))
 
     def features(self, bev: Tensor, batch: dict) -> Tensor:
         """Temporal fusion, the map prior and the BEV encoder: the map every head reads (what
@@ -113,7 +112,7 @@ class BEVModel(nn.Module):
                       "depth": (B, N, D, H', W') with ``lss`` / ``lss_camera_aware``,
                       "map_prior_update": (B, C, Y, X) with a map prior (write it back to the memory),
                       and one entry per head:
-                      "detection" (see ``CenterHead.forward``), "map" (B, K, Y', X'),
+                      "detection" (see ``CenterHead.forward`` or ``DETRHead.forward``), "map" (B, K, Y', X'),
                       "occupancy" (B, 18, Z, Y, X)}
         """
         bev, depth = self.encode(batch)

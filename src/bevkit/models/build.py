@@ -12,12 +12,12 @@ import yaml
 from pydantic import ValidationError
 
 from bevkit.models.backbones import TimmBackbone
-from bevkit.models.bev_encoders import ResNetBEV
+from bevkit.models.bev_encoders import NoBEVEncoder, ResNetBEV
 from bevkit.models.bev_model import BEVModel
 from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
 from bevkit.models.fusion import ConvFuser
-from bevkit.models.heads import CenterHead, MapSegHead, OccupancyHead
+from bevkit.models.heads import CenterHead, DETRHead, MapSegHead, OccupancyHead
 from bevkit.models.lidar import PointPillars
 from bevkit.models.map_prior import MapPriorFusion
 from bevkit.models.necks import FPN, LSSFPN
@@ -32,8 +32,8 @@ LIDAR_ENCODERS = {"pillars": PointPillars}
 FUSERS = {"conv": ConvFuser}
 TEMPORAL = {"bevdet4d": BEVDet4D}
 MAP_PRIORS = {"nmp": MapPriorFusion}
-BEV_ENCODERS = {"resnet": ResNetBEV}
-HEADS = {"detection": CenterHead, "map": MapSegHead, "occupancy": OccupancyHead}
+BEV_ENCODERS = {"resnet": ResNetBEV, "none": NoBEVEncoder}
+HEADS = {"detection": CenterHead, "detr": DETRHead, "map": MapSegHead, "occupancy": OccupancyHead}
 # The deformable attention of the BEVFormer encoder (``view_transform.deform_attn``): same results,
 # different memory and speed (docs/benchmarks.md).
 DEFORM_ATTN = {"fast": deform_attn, "reference": deform_attn_reference, "exportable": deform_attn_exportable}
@@ -90,12 +90,15 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
     be = cfg.bev_encoder
     bev_encoder = _lookup(BEV_ENCODERS, be.type, "BEV encoder")(channels, be.channels, be.blocks, be.out_channels)
     heads = {}
+    enc = bev_encoder.out_channels
     if cfg.heads.detection is not None:
-        heads["detection"] = HEADS["detection"](be.out_channels, grid, cfg.heads.detection)
+        heads["detection"] = HEADS["detection"](enc, grid, cfg.heads.detection)
+    if cfg.heads.detr is not None:  # the box head, under the same name: loss, decode and evaluation alike
+        heads["detection"] = HEADS["detr"](enc, grid, cfg.heads.detr)
     if cfg.heads.map is not None:
-        heads["map"] = HEADS["map"](be.out_channels, cfg.heads.map)
+        heads["map"] = HEADS["map"](enc, cfg.heads.map)
     if cfg.heads.occupancy is not None:
-        heads["occupancy"] = HEADS["occupancy"](be.out_channels, cfg.heads.occupancy)
+        heads["occupancy"] = HEADS["occupancy"](enc, cfg.heads.occupancy)
     return BEVModel(cfg, backbone, neck, view_transform, lidar, fuser, temporal, bev_encoder, heads, map_prior)
 
 

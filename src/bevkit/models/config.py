@@ -134,7 +134,8 @@ class MapPriorConfig(Frozen):
 
 
 class BEVEncoderConfig(Frozen):
-    """ResNet-style BEV backbone (stride-2 stages) and an LSS-FPN neck back to the grid."""
+    """``resnet``: a ResNet-style BEV backbone (stride-2 stages) and an LSS-FPN neck back to the grid;
+    ``none``: the heads read the fused BEV directly (``channels``, ``blocks``, ``out_channels`` unused)."""
 
     type: str = "resnet"
     channels: tuple[int, ...] = (128, 256, 512)
@@ -183,6 +184,40 @@ class DetectionHeadConfig(Frozen):
         return self
 
 
+class DETRHeadConfig(Frozen):
+    """BEVFormer's detection head: ``num_queries`` object queries through a ``layers``-deep
+    Deformable-DETR decoder of width ``dim`` (``heads`` heads, ``points`` samples per head, FFN
+    ``ffn``) with box refinement; sigmoid focal classification (``focal_alpha``, ``focal_gamma``,
+    weight ``cls_weight``), L1 on the code (``reg_weight``, ``code_weights`` over x y z, log l w h,
+    sin cos, vx vy), attribute cross-entropy (``attr_weight``); Hungarian matching on the same
+    costs; the best ``max_boxes`` per sample without NMS."""
+
+    classes: tuple[str, ...] = DETECTION_CLASSES
+    num_queries: int = 900
+    layers: int = 6
+    dim: int = 256
+    heads: int = 8
+    points: int = 4
+    ffn: int = 512
+    cls_weight: float = 2.0
+    reg_weight: float = 0.25
+    attr_weight: float = 0.2
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    code_weights: tuple[float, ...] = (1.0,) * 8 + (0.2, 0.2)
+    max_boxes: int = 300
+    score_threshold: float = 0.0
+    attributes: tuple[str, ...] = NUSCENES_ATTRIBUTES
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.code_weights) != 10:
+            raise ValueError("detr: code_weights has 10 entries (x y z l w h sin cos vx vy)")
+        if self.dim % self.heads:
+            raise ValueError(f"detr: dim {self.dim} must divide into {self.heads} heads")
+        return self
+
+
 class MapHeadConfig(Frozen):
     """HD-map segmentation on the BEV grid upsampled ``upsample`` times."""
 
@@ -204,9 +239,23 @@ class OccupancyHeadConfig(Frozen):
 
 
 class HeadsConfig(Frozen):
+    """``detection`` (CenterPoint) or ``detr`` (BEVFormer's head): the 3D box head, one of the two;
+    ``map`` and ``occupancy`` besides."""
+
     detection: DetectionHeadConfig | None = None
+    detr: DETRHeadConfig | None = None
     map: MapHeadConfig | None = None
     occupancy: OccupancyHeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_box_head(self):
+        if self.detection is not None and self.detr is not None:
+            raise ValueError("heads: detection (CenterPoint) and detr (BEVFormer) are both box heads; keep one")
+        return self
+
+    def boxes(self) -> DetectionHeadConfig | DETRHeadConfig | None:
+        """The 3D box head's config (CenterPoint's or DETR's), None without one."""
+        return self.detection if self.detection is not None else self.detr
 
 
 class ModelConfig(Frozen):
@@ -240,6 +289,6 @@ class ModelConfig(Frozen):
             (_, _, dx), (_, _, dy) = self.grid.xbound, self.grid.ybound
             if abs(dx - dy) > 1e-9:
                 raise ValueError("model: a map prior needs square BEV cells (grid dx == dy)")
-        if not any(h is not None for h in (self.heads.detection, self.heads.map, self.heads.occupancy)):
+        if not any(h is not None for h in (self.heads.boxes(), self.heads.map, self.heads.occupancy)):
             raise ValueError("model: at least one head")
         return self

@@ -349,8 +349,10 @@ class MapPriorFusion(nn.Module):
     """Neural Map Prior's fusion of the current BEV with the prior read from the global map:
     current-to-prior window attention (queries: the current BEV plus a learned position encoding;
     keys and values: the prior), a feed-forward block, then a ConvGRU whose hidden state is the prior
-    and whose input is the attended current BEV. Its output is both what the decoder reads and what
-    the caller writes back into the memory.
+    and whose input is the attended current BEV. The GRU's output is the update the caller writes back
+    into the memory; the decoder reads the current BEV plus a 1x1 projection of it, initialised near
+    zero, so that a model started from a trained baseline (NMP's second stage) starts from the
+    baseline's own input and learns how much of the prior to take.
 
     Where nothing has been observed the prior is zero, so the first traversal of a street is decoded
     from the current frame alone.
@@ -366,13 +368,16 @@ class MapPriorFusion(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(channels, ffn), nn.GELU(), nn.Linear(ffn, channels))
         self.norm2 = nn.LayerNorm(channels)
         self.gru = ConvGRU(channels, kernel)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.normal_(self.out.weight, std=1e-4)
+        nn.init.zeros_(self.out.bias)
 
-    def forward(self, bev: Tensor, prior: Tensor | None) -> Tensor:
+    def forward(self, bev: Tensor, prior: Tensor | None) -> tuple[Tensor, Tensor]:
         """Frames: ``bev`` and ``prior`` on the same ego-frame grid.
 
         Shapes:
             bev: (B, C, Y, X)   prior: (B, C, Y, X) or None (nothing observed: zeros)
-            returns: (B, C, Y, X) the fused map (decoder input and the memory update)
+            returns: the decoder's input (B, C, Y, X), the memory update (B, C, Y, X)
         """
         if prior is None:
             prior = torch.zeros_like(bev)
@@ -380,4 +385,5 @@ class MapPriorFusion(nn.Module):
         q = bev + self.pos
         x = q.permute(0, 2, 3, 1) + self.norm1(self.attn(q, prior).permute(0, 2, 3, 1))  # (B, Y, X, C)
         x = x + self.norm2(self.ffn(x))  # post-norm residuals, as Swin-V2
-        return self.gru(prior, x.permute(0, 3, 1, 2))
+        update = self.gru(prior, x.permute(0, 3, 1, 2))
+        return bev + self.out(update), update
