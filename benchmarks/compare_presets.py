@@ -29,7 +29,7 @@ PRESETS = (
     ("bevdet-synth", "camera, lift-splat (BEVDet)"),
     ("bevdepth-synth", "camera, lift-splat + depth supervision (BEVDepth)"),
     ("bevdet4d-synth", "camera, temporal (BEVDet4D, 2 frames)"),
-    ("bevformer-synth", "camera, deformable attention (BEVFormer encoder)"),
+    ("bevformer-synth", "camera, deformable attention (BEVFormer encoder + DETR head)"),
     ("pointpillars-synth", "LiDAR (PointPillars)"),
     ("bevfusion-synth", "camera + LiDAR (BEVFusion)"),
     ("nmp-synth", "map segmentation (NMP baseline, BEVFormer encoder)"),
