@@ -1,14 +1,16 @@
 """Neural Map Prior against its baseline on the small synthetic world, with NMP's two-stage schedule.
 
 Stage 1 is the map-segmentation baseline (``configs/nmp-synth.yaml``), given with ``--baseline CKPT`` or
-trained here for ``--epochs``. Stage 2 starts twice from it, with the same budget: once as the same
-baseline trained further (``nmp-synth``), once with the global map memory added (``nmp-prior-synth``,
-``train.init_from``). Both are scored on the val split; the map-prior model twice, with its memory filled
-online in (scene, time) order (NMP's protocol) and with an empty prior for every sample (the ablation
-that isolates the memory from the extra layers). The map-prior model is trained twice: visiting each
-scene's keyframes in time order (NMP's protocol, ``train.order: auto``) and shuffled like the
-baseline (``train.order=shuffle``), which separates the effect of the order from the prior's. Every step is a ``bevkit`` command in its own process,
-printed before it runs, with the same shared budget as ``compare_presets.py``.
+trained here for ``--epochs``. Stage 2 starts from it three times with the same budget: the baseline
+trained further (``nmp-synth``), and the same model with the global map memory added
+(``nmp-prior-synth``, ``train.init_from``) trained twice, visiting each scene's keyframes in time order
+(NMP's protocol, ``train.order: auto``) and shuffled like the baseline (``train.order=shuffle``), which
+separates the effect of the order from the prior's. Everything is scored on the val split; the
+map-prior models three times: with the memory filled online in (scene, time) order (NMP's protocol),
+with the memory first filled from the train split's drives (``eval.map_prior=train``, a prior built
+from earlier drives), and with an empty prior for every sample (the ablation that isolates the memory
+from the extra layers). Every step is a ``bevkit`` command in its own process, printed before it runs,
+with the shared budget of ``compare_presets.py``; a stage whose last checkpoint exists is only evaluated.
 
     python benchmarks/compare_map_prior.py --data runs/synth-small --out runs/map-prior \\
         --baseline runs/compare/nmp-synth/checkpoints/last.ckpt --epochs 3
@@ -78,7 +80,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"{base}: no such checkpoint")
     init = [f"train.init_from={base}"]
     records.append(stage("baseline", "nmp-synth", args, init, {"": []}))
-    both = {"": [], "-empty-prior": ["eval.map_prior=empty"]}
+    both = {"": [], "-train-prior": ["eval.map_prior=train"], "-empty-prior": ["eval.map_prior=empty"]}
     records.append(stage("prior", "nmp-prior-synth", args, init, both))  # scenes in time order, as NMP
     records.append(stage("prior-shuffled", "nmp-prior-synth", args, [*init, "train.order=shuffle"], both))
     write_text_atomic(Path(args.out) / "compare_map_prior.json",
@@ -89,6 +91,7 @@ def main(argv=None) -> None:
         for key, m in r.items():
             if key.startswith("eval"):
                 how = {"eval": "online memory" if r["preset"] == "nmp-prior-synth" else "-",
+                       "eval-train-prior": "memory from the train drives, then online",
                        "eval-empty-prior": "empty prior"}[key]
                 print(f"| {r['name']} ({r['preset']}) | {how} | " + " | ".join(f"{m[k]:.3f}" for k in CLASSES)
                       + f" | {m['nmp_mIoU']:.3f} |")

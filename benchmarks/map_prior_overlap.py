@@ -7,6 +7,7 @@ features, no model) and reports, per keyframe, the observed fraction of its patc
 drives only and by anything earlier.
 
     python benchmarks/map_prior_overlap.py runs/synth-small --splits val train
+    python benchmarks/map_prior_overlap.py runs/synth-small --splits val --prefill train
 """
 
 from __future__ import annotations
@@ -22,11 +23,22 @@ from bevkit.models import load_config
 from bevkit.models.map_prior import MapPriorMemory
 
 
-def overlap(index: NuScenesIndex, split: str, cfg) -> dict:
+def filled(index: NuScenesIndex, split: str, cfg) -> MapPriorMemory:
+    """A memory written by every keyframe of ``split``."""
+    mem = MapPriorMemory(1, cfg.grid.xbound[2])
+    ones = torch.ones(1, 1, *cfg.grid.shape)
+    for s in index.split(split):
+        mem.write([index.location(s)], torch.tensor(s["global_from_ego"], dtype=torch.float64)[None],
+                  cfg.grid.spec(), ones)
+    return mem
+
+
+def overlap(index: NuScenesIndex, split: str, cfg, prefill: MapPriorMemory | None = None) -> dict:
     grid = cfg.grid.spec()
     ny, nx = cfg.grid.shape
     ones = torch.ones(1, 1, ny, nx)
     by_others, by_any = MapPriorMemory(1, cfg.grid.xbound[2]), MapPriorMemory(1, cfg.grid.xbound[2])
+    pre = []
     scene, this_drive, others, anything = None, [], [], []
     for s in index.split(split):
         if s["scene_token"] != scene:  # a new drive: the previous one becomes "earlier drives"
@@ -36,13 +48,19 @@ def overlap(index: NuScenesIndex, split: str, cfg) -> dict:
         pose = torch.tensor(s["global_from_ego"], dtype=torch.float64)[None]
         loc = index.location(s)
         others.append(by_others.read([loc], pose, grid)[1].mean().item())
+        if prefill is not None:
+            pre.append(prefill.read([loc], pose, grid)[1].mean().item())
         anything.append(by_any.read([loc], pose, grid)[1].mean().item())
         by_any.write([loc], pose, grid, ones)
         this_drive.append((loc, pose))
     others, anything = np.array(others), np.array(anything)
-    return {"keyframes": len(others), "seen_by_earlier_drives_mean": float(others.mean()),
-            "keyframes_over_half_seen_by_earlier_drives": float((others > 0.5).mean()),
-            "seen_by_anything_earlier_mean": float(anything.mean())}
+    out = {"keyframes": len(others), "seen_by_earlier_drives_mean": float(others.mean()),
+           "keyframes_over_half_seen_by_earlier_drives": float((others > 0.5).mean()),
+           "seen_by_anything_earlier_mean": float(anything.mean())}
+    if prefill is not None:
+        pre = np.array(pre)
+        out.update(seen_by_prefill_mean=float(pre.mean()), keyframes_over_half_seen_by_prefill=float((pre > 0.5).mean()))
+    return out
 
 
 def main(argv=None) -> None:
@@ -51,11 +69,14 @@ def main(argv=None) -> None:
     ap.add_argument("--version", default=None)
     ap.add_argument("--splits", nargs="+", default=["val"])
     ap.add_argument("--config", default="configs/nmp-prior-synth.yaml", help="the grid of this preset")
+    ap.add_argument("--prefill", default=None, help="also: how much of each patch this split's drives saw "
+                    "(what eval.map_prior: train writes first)")
     args = ap.parse_args(argv)
     index = NuScenesIndex.load(args.root, args.version)
     cfg = load_config(args.config)
-    out = {"benchmark": "map_prior_overlap", "root": args.root, "grid": list(cfg.grid.shape),
-           "splits": {sp: overlap(index, sp, cfg) for sp in args.splits}}
+    prefill = filled(index, args.prefill, cfg) if args.prefill else None
+    out = {"benchmark": "map_prior_overlap", "root": args.root, "grid": list(cfg.grid.shape), "prefill": args.prefill,
+           "splits": {sp: overlap(index, sp, cfg, prefill) for sp in args.splits}}
     print(json.dumps(out, indent=1))
 
 

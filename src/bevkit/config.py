@@ -153,11 +153,13 @@ class EvalSection(_Frozen):
     ``detection_cvpr_2019`` for a model whose BEV grid is smaller than the benchmark's 30-50 m (the
     small synthetic presets); None, the default, is the benchmark as defined. ``map_prior``: how a model
     with a map prior is evaluated: ``online`` (the default, as Neural Map Prior) fills an empty global
-    memory in the split's (scene, time) order while evaluating; ``empty`` reads an empty prior for every
-    sample (every street seen for the first time), the ablation that shows what the memory adds."""
+    memory in the split's (scene, time) order while evaluating; ``train`` first fills it with the
+    training split's drives (the model run over them in time order), then goes on online, as a prior
+    built from earlier drives; ``empty`` reads an empty prior for every sample (every street seen for
+    the first time), the ablation that shows what the memory adds."""
 
     max_range: float | None = Field(default=None, gt=0)
-    map_prior: Literal["online", "empty"] = "online"
+    map_prior: Literal["online", "train", "empty"] = "online"
 
 
 # Model keys added after the first release (dotted paths); absent (None) they leave

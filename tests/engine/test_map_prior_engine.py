@@ -73,6 +73,15 @@ def test_training_and_evaluation_fill_their_own_memories(tiny_root, tmp_path, in
     assert memory.observed_cells() == 0
     module.run(next(iter(dm.val_dataloader())), "eval")
     assert module.memory("eval").observed_cells() > 0 and memory.observed_cells() == 0
+    # The whole training split, each scene in time order, for eval.map_prior: train.
+    prior_batches = list(dm.prior_dataloader())
+    assert sum(len(b["token"]) for b in prior_batches) == dm.train_samples()
+    seen = [(sc, t) for b in prior_batches for sc, t in zip(b["scene"], b["timestamp"])]
+    for name in {sc for sc, _ in seen}:
+        stamps = [t for sc, t in seen if sc == name]
+        assert stamps == sorted(stamps)
+        first = next(i for i, (sc, _) in enumerate(seen) if sc == name)
+        assert all(sc == name for sc, _ in seen[first:first + len(stamps)])  # one scene at a time
 
 
 def test_second_stage_starts_from_the_baseline_and_evaluates(tiny_root, tmp_path, index_cache, capsys):
@@ -94,6 +103,12 @@ def test_second_stage_starts_from_the_baseline_and_evaluates(tiny_root, tmp_path
                  "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "map_metrics.json").read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0
+    # With the memory first filled from the training drives, and with an empty prior: other figures.
+    for mode in ("train", "empty"):
+        assert main(["eval", stage2, str(tmp_path / "prior" / "checkpoints" / "last.ckpt"), "--set",
+                     f"eval.map_prior={mode}", "--out", str(tmp_path / f"eval-{mode}")]) == 0
+    other = {m: json.loads((tmp_path / f"eval-{m}" / "map_metrics.json").read_text()) for m in ("train", "empty")}
+    assert all(0.0 <= o["mIoU"] <= 1.0 for o in other.values())
     # A checkpoint of another architecture is refused, naming what does not fit.
     det = tiny_lidar_experiment(tiny_root, tmp_path / "det", max_steps=1)
     assert main(["train", write_yaml(tmp_path / "det.yaml", det)]) == 0

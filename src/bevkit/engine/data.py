@@ -278,6 +278,16 @@ class BEVDataModule(L.LightningDataModule):
         self.train_loader = self._loader(ds, True, self.cfg.data.batch_size, ResumableLoader)
         return self.train_loader
 
+    def prior_dataloader(self) -> DataLoader:
+        """The training split without augmentation, every scene in time order, for filling an
+        evaluation map-prior memory (``eval.map_prior: train``); every process reads all of it."""
+        ds = self.dataset(self.cfg.data.train_split, train=False)
+        scenes = [ds.base.index.scenes[s["scene_token"]]["name"] for s in ds.base.samples]
+        workers = self.cfg.data.workers
+        return DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, num_workers=workers,
+                          sampler=SceneSampler(scenes, shuffle=False), collate_fn=collate_history,
+                          worker_init_fn=_worker_init)
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset(self.eval_split, train=False), False, self.cfg.data.eval_batch_size)
 

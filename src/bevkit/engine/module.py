@@ -8,6 +8,7 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 import bevkit
 from bevkit.config import ExperimentConfig, Schedule
@@ -234,12 +235,30 @@ class BEVLitModule(L.LightningModule):
         if "eval" in self.memories:
             self.memories["eval"].reset()
         self._swap_ema()
+        if self.model.map_prior is not None and self.cfg.eval.map_prior == "train":
+            self._fill_memory_from_train()
         heads = self.cfg.model.heads
         self._det = (DetectionEvaluator(self._detection_gt(), detection_config(self.cfg.eval.max_range))
                      if heads.boxes() is not None else None)
         self._map = MapIoU(tuple(heads.map.classes)) if heads.map is not None else None
         self._occ = OccupancyMIoU() if heads.occupancy is not None else None
         self.submission = {}
+
+    @torch.no_grad()
+    def _fill_memory_from_train(self) -> None:
+        """Fill the evaluation memory with the training drives (``eval.map_prior: train``): the model
+        runs over the whole training split, each scene in time order, writing its updates, as a map
+        prior built from earlier drives would be before the evaluated ones."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is None or not hasattr(dm, "prior_dataloader"):
+            raise RuntimeError("eval.map_prior: train needs the BEVDataModule's training split")
+        was_training = self.model.training
+        self.model.eval()
+        for batch in tqdm(dm.prior_dataloader(), desc="map prior from the train split", leave=False,
+                          disable=not self.trainer.is_global_zero):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            self.run(batch, "eval")
+        self.model.train(was_training)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if all(batch.get("filler", [False])):  # a rank without scenes of its own (see SceneSampler)
