@@ -16,7 +16,9 @@ torch thread:
   DETR decoder's cross-attention modules themselves, while their linear layers are child modules
   (counted apart, as ``aten.addmm``, or ``aten.mm`` for 3-D inputs), so ``sparse_as_dense`` is the
   ``aten.mm`` those modules count for themselves, minus their counted submodules', and
-  ``without_sparse`` the total minus it.
+  ``without_sparse`` the total minus it. ``sparse_true`` counts the same products as they are (a
+  dispatch mode beside the counter: 2 FLOPs per stored entry of the sparse matrix and column of the
+  dense one) and ``with_sparse_true`` is ``without_sparse`` plus that.
 - ``train-memory``: one training step (forward + loss + backward, no optimiser step) at batch 1
   on a sample of a nuScenes-format dataset read exactly as ``bevkit train`` reads it
   (``engine.data.data_config`` for the preset without augmentation, ``HistoryDataset`` for the
@@ -123,6 +125,28 @@ def child_params(exp) -> dict:
     return out
 
 
+class SparseProductCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """FLOPs of the sparse products as what they are: 2 per stored entry of the sparse matrix and
+    column of the dense one, for every ``aten.mm`` / ``aten.addmm`` whose matrix is sparse (the CSR
+    products of ``ops.bev_pool`` and ``ops.deform_attn``, forward only here)."""
+
+    SPARSE = (torch.sparse_csr, torch.sparse_coo, torch.sparse_csc, torch.sparse_bsr)
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        pack = func._overloadpacket
+        if pack in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = (args[0], args[1]) if pack is torch.ops.aten.mm else (args[1], args[2])
+            if isinstance(a, torch.Tensor) and a.layout in self.SPARSE:
+                self.flops += 2 * a._nnz() * b.shape[-1]
+            elif isinstance(b, torch.Tensor) and b.layout in self.SPARSE:
+                self.flops += 2 * b._nnz() * a.shape[0]
+        return func(*args, **(kwargs or {}))
+
+
 def child_flops(exp, points: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -132,8 +156,9 @@ def child_flops(exp, points: int) -> dict:
     model = build_model(exp.model, load_checkpoint=False).eval()
     batch = rig_batch(exp, points)
     counter = FlopCounterMode(display=False)
+    sparse_counter = SparseProductCounter()
     t0 = time.perf_counter()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, sparse_counter:
         model(batch)
     seconds = time.perf_counter() - t0
     counts = counter.get_flop_counts()
@@ -163,6 +188,7 @@ def child_flops(exp, points: int) -> dict:
     return {"image": None if exp.model.view_transform is None else "x".join(map(str, exp.data.image_size)),
             "points": points if exp.model.lidar is not None else 0,
             "gflops": everything, "sparse_as_dense": sparse, "without_sparse": everything - sparse,
+            "sparse_true": sparse_counter.flops / 1e9, "with_sparse_true": everything - sparse + sparse_counter.flops / 1e9,
             "backbone": total("BEVModel.backbone") if exp.model.view_transform is not None else None,
             "bev_encoder": total("BEVModel.bev_encoder"), "heads": total("BEVModel.heads") - head_sparse,
             "by_component": {name: total(f"BEVModel.{name}") for name in COMPONENTS},
@@ -236,16 +262,18 @@ def markdown(report: dict) -> str:
         lines.append("")
     if any("flops" in r for r in rows.values()):
         lines += ["| preset | image | GFLOPs counted | sparse products counted as dense | GFLOPs without them "
-                  "| of which backbone | BEV encoder | heads | s |", "|---" * 9 + "|"]
+                  "| sparse products, 2 per stored entry x column | GFLOPs with them so | of which backbone "
+                  "| BEV encoder | heads | s |", "|---" * 11 + "|"]
         for name, r in rows.items():
             f = r.get("flops")
             if f is None:
                 continue
             if "error" in f:
-                lines.append(f"| `{name}` | {f['error']} |" + " |" * 7)
+                lines.append(f"| `{name}` | {f['error']} |" + " |" * 9)
                 continue
             lines.append(f"| `{name}` | {f['image'] or '–'} | {f['gflops']:.1f} | {f['sparse_as_dense']:.1f} | "
-                         f"{f['without_sparse']:.1f} | {_fmt(f['backbone'], 1)} | {f['bev_encoder']:.1f} | "
+                         f"{f['without_sparse']:.1f} | {f['sparse_true']:.2f} | {f['with_sparse_true']:.1f} | "
+                         f"{_fmt(f['backbone'], 1)} | {f['bev_encoder']:.1f} | "
                          f"{f['heads']:.1f} | {f['seconds']:.1f} |")
         lines.append("")
     mem = [(name, k, v) for name, r in rows.items() for k, v in r.items() if k.startswith("train-memory:")]
