@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bevkit.models.bev_encoders import BasicBlock
 from bevkit.models.config import GridConfig
 from bevkit.ops import bev_pool, bev_pool_plan, deform_conv2d
 
@@ -137,20 +138,6 @@ def camera_parameters(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor)
     return torch.cat([k, img_aug[..., :2, :].flatten(-2), ego_from_cam[..., :3, :].flatten(-2)], -1).flatten(0, 1)
 
 
-class BasicBlock(nn.Module):
-    """ResNet's basic block (two 3x3 conv + BN, identity shortcut)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLab v3) as BEVDepth's depth branch uses it: a 1x1 conv,
     3x3 convs at dilations 6, 12 and 18, and global average pooling, each to ``channels`` with BN +
@@ -237,7 +224,7 @@ class CameraAwareLiftSplat(LiftSplat):
             if mid % 4:
                 raise ValueError(f"depth_net 'bevdepth': depth_net_channels {mid} must divide into 4 groups")
             self.depth_gate, self.context_gate = SEGate(mid), SEGate(mid)
-            self.depth_out = nn.Sequential(BasicBlock(mid), BasicBlock(mid), BasicBlock(mid), ASPP(mid),
+            self.depth_out = nn.Sequential(BasicBlock(mid, mid), BasicBlock(mid, mid), BasicBlock(mid, mid), ASPP(mid),
                                            DeformConv2d(mid, mid, groups=4), nn.Conv2d(mid, self.num_bins, 1))
 
     def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
