@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from procmem import GIB, reset_peak, run_watched, status_kib
 
+from bevkit.atomic import write_text_atomic
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXTENT = 51.2  # metres either side of the ego, as BEVFormer's grids
 
@@ -245,8 +247,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        write_text_atomic(args.json, text + "\n")
     if args.markdown:
         print(markdown(report))
 
