@@ -188,6 +188,25 @@ def test_scene_files_are_byte_identical_across_runs(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
+def test_pool_workers_write_the_same_bytes_single_threaded(tmp_path):
+    """Scenes rendered in the worker pool (one BLAS thread each) equal the in-process render,
+    and the parent's thread settings are left as they were."""
+    import os
+
+    job = writer.SceneJob(str(tmp_path / "pool"), 5, 0, "scene-0061", "singapore-onenorth", "mini_train", 2, 0.1, 2,
+                          1_535_000_000_000_000)
+    other = writer.SceneJob(**{**job.__dict__, "index": 1, "name": "scene-0103"})
+    before = {k: os.environ.get(k) for k in writer._SINGLE_THREAD_ENV}
+    pooled = writer._run_jobs([job, other], workers=2, progress=False, lidar_hz=2)
+    assert {k: os.environ.get(k) for k in writer._SINGLE_THREAD_ENV} == before
+    local = writer.generate_scene(writer.SceneJob(**{**job.__dict__, "out": str(tmp_path / "local")}))
+    assert pooled[0] == local
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert files
+    for f in files:
+        assert (tmp_path / "pool" / f).read_bytes() == (tmp_path / "local" / f).read_bytes(), f
+
+
 def test_map_dividers_lie_on_painted_lines(tiny_root):
     city = build_city("boston-seaport", 0)
     m = json.loads((tiny_root / "maps" / "expansion" / "boston-seaport.json").read_text())

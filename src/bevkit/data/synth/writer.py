@@ -14,6 +14,7 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -118,7 +119,27 @@ _PROGRESS = None
 def _init_worker(queue):
     global _PROGRESS
     _PROGRESS = queue
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# Each worker renders with numpy on one core: BLAS thread pools in several workers would
+# oversubscribe the cores and spin (on 2 cores, two workers with 2 BLAS threads each ran at
+# half speed). A spawned worker reads these when it imports numpy, so they are set in the
+# parent's environment while the pool starts its workers, and restored afterwards.
+_SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _single_threaded_children():
+    saved = {k: os.environ.get(k) for k in _SINGLE_THREAD_ENV}
+    os.environ.update({k: "1" for k in _SINGLE_THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _visibility_geometry(rig):
@@ -426,7 +447,8 @@ def _run_jobs(jobs, workers, progress, lidar_hz):
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(queue,)) as pool, \
             tqdm(total=total, unit="sample", desc="synth", disable=not progress) as bar:
-        futures = [pool.submit(generate_scene, j) for j in jobs]
+        with _single_threaded_children():
+            futures = [pool.submit(generate_scene, j) for j in jobs]
         while True:
             try:
                 kind, n = queue.get(timeout=0.5)
