@@ -9,7 +9,10 @@ torch thread:
   ``torch.utils.flop_counter.FlopCounterMode``: six cameras at the preset's ``data.image_size``
   with the nuScenes rig's calibration (``bevkit.data.synth.rig.load_rig`` at 1600x900 and the
   reader's deterministic resize-and-crop ``img_aug``), random uint8 images, and ``--points``
-  random points (default 300 000) over the grid for presets with a LiDAR branch. GFLOPs as the
+  random points (default 300 000) over the grid for presets with a LiDAR branch, or with
+  ``--lidar-from-data`` the LiDAR sweeps of a dataset sample (``--data``, ``--split``, ``--index``,
+  the preset's ``data.sweeps``): a sparse-voxel encoder's cost follows the occupied voxels, which
+  uniform random points overstate. GFLOPs as the
   counter defines them (2 per multiply-add). The counter has no rule for sparse tensors: the CSR
   products of ``ops.bev_pool`` and ``ops.deform_attn`` dispatch to ``aten.mm`` and are counted as
   if the sparse matrix were dense. They run in the code of the view transform's modules and of the
@@ -149,7 +152,7 @@ class SparseProductCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def child_flops(exp, points: int) -> dict:
+def child_flops(exp, points: int, data_points: list | None = None) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from bevkit.models import build_model
@@ -157,6 +160,8 @@ def child_flops(exp, points: int) -> dict:
     torch.manual_seed(0)
     model = build_model(exp.model, load_checkpoint=False).eval()
     batch = rig_batch(exp, points)
+    if data_points is not None:
+        batch["points"] = data_points
     counter = FlopCounterMode(display=False)
     sparse_counter = SparseProductCounter()
     t0 = time.perf_counter()
@@ -188,7 +193,8 @@ def child_flops(exp, points: int) -> dict:
     sparse = sum(own(n, "aten.mm") for n in counts if n == "BEVModel.view_transform"
                  or n.startswith("BEVModel.view_transform.")) + head_sparse
     return {"image": None if exp.model.view_transform is None else "x".join(map(str, exp.data.image_size)),
-            "points": points if exp.model.lidar is not None else 0,
+            "points": int(sum(len(p) for p in batch["points"])) if exp.model.lidar is not None else 0,
+            "points_from": "data" if data_points is not None else "random",
             "gflops": everything, "sparse_as_dense": sparse, "without_sparse": everything - sparse,
             "sparse_true": sparse_counter.flops / 1e9, "with_sparse_true": everything - sparse + sparse_counter.flops / 1e9,
             "backbone": total("BEVModel.backbone") if exp.model.view_transform is not None else None,
@@ -229,7 +235,10 @@ def child_main(args) -> None:
     if args.child_kind == "params":
         result = child_params(exp)
     elif args.child_kind == "flops":
-        result = child_flops(exp, args.points)
+        data_points = None
+        if args.lidar_from_data and exp.model.lidar is not None:
+            data_points = dataset_batch(exp, args.data, args.split, args.index)["points"]
+        result = child_flops(exp, args.points, data_points)
     else:
         result = child_train_memory(exp, args.child_kind.split(":")[1], args.data, args.split, args.index)
     print("RESULT " + json.dumps(result), flush=True)
@@ -240,6 +249,8 @@ def run_child(preset: str, kind: str, args) -> dict:
     """One measurement in a fresh process; stopped past ``--timeout`` or ``--max-rss-gb``."""
     cmd = [sys.executable, __file__, "--child", preset, "--child-kind", kind, "--points", str(args.points),
            "--data", str(args.data), "--split", args.split, "--index", str(args.index)]
+    if args.lidar_from_data:
+        cmd.append("--lidar-from-data")
     for item in args.set:
         cmd += ["--set", item]
     return run_watched(cmd, args.max_rss_gb, args.timeout)
@@ -302,6 +313,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="a.b=v override applied to every preset")
     ap.add_argument("--points", type=int, default=300_000, help="random points for LiDAR presets (flops)")
     ap.add_argument("--data", default="data/synth-mini", help="nuScenes-format root (train-memory)")
+    ap.add_argument("--lidar-from-data", action="store_true",
+                    help="flops: LiDAR points of the --data sample instead of random ones")
     ap.add_argument("--split", default="mini_train")
     ap.add_argument("--index", type=int, default=1, help="sample of the split (1: it has a previous keyframe)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per child")

@@ -164,7 +164,8 @@ class EvalSection(_Frozen):
 
 # Model keys added after the first release (dotted paths); absent (None) they leave
 # ``ExperimentConfig.digest`` unchanged.
-OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net", "heads.detr")
+OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net", "heads.detr", "backbone.img_size", "lidar.voxel_size",
+                     "lidar.base_channels", "lidar.zbound", "view_transform.downsample")
 
 
 class ExperimentConfig(_Frozen):

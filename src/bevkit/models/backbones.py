@@ -16,12 +16,16 @@ class TimmBackbone(nn.Module):
     are random; :meth:`load_checkpoint` reads pretrained ones from a local file (never pickle).
     """
 
-    def __init__(self, name: str, out_indices: tuple[int, ...]):
+    def __init__(self, name: str, out_indices: tuple[int, ...], img_size: tuple[int, int] | None = None):
         super().__init__()
         self.name = name
-        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+        kwargs = {} if img_size is None else {"img_size": tuple(img_size)}
+        self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(out_indices),
+                                      **kwargs)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.strides: list[int] = list(self.body.feature_info.reduction())
+        # Transformers (Swin) hand out channels-last maps; the necks take channels-first.
+        self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Features of normalised images.
@@ -29,7 +33,10 @@ class TimmBackbone(nn.Module):
         Shapes:
             images: (B, 3, H, W) float   returns: one (B, C_i, H / s_i, W / s_i) per out index
         """
-        return self.body(images)
+        feats = self.body(images)
+        if self.channels_last:
+            feats = [f.permute(0, 3, 1, 2) for f in feats]
+        return feats
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load weights from a local state dict (``torch.load(..., weights_only=True)``).

@@ -18,17 +18,17 @@ from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
 from bevkit.models.fusion import ConvFuser
 from bevkit.models.heads import CenterHead, DETRHead, MapSegHead, OccupancyHead
-from bevkit.models.lidar import PointPillars
+from bevkit.models.lidar import PointPillars, SparseVoxelEncoder
 from bevkit.models.map_prior import MapPriorFusion
-from bevkit.models.necks import FPN, LSSFPN
+from bevkit.models.necks import FPN, LSSFPN, GeneralizedLSSFPN
 from bevkit.models.temporal import BEVDet4D
 from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, LiftSplat
 from bevkit.ops import deform_attn, deform_attn_exportable, deform_attn_reference
 
-NECKS = {"fpn": FPN, "lss_fpn": LSSFPN}
+NECKS = {"fpn": FPN, "lss_fpn": LSSFPN, "generalized_lss": GeneralizedLSSFPN}
 VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "bilinear": BilinearLift,
                    "deform": BEVFormerEncoder}
-LIDAR_ENCODERS = {"pillars": PointPillars}
+LIDAR_ENCODERS = {"pillars": PointPillars, "sparse_voxels": SparseVoxelEncoder}
 FUSERS = {"conv": ConvFuser}
 TEMPORAL = {"bevdet4d": BEVDet4D}
 MAP_PRIORS = {"nmp": MapPriorFusion}
@@ -53,13 +53,15 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
     bev_channels = []
     if cfg.view_transform is not None:
         vt = cfg.view_transform
-        backbone = TimmBackbone(cfg.backbone.name, cfg.backbone.out_indices)
+        backbone = TimmBackbone(cfg.backbone.name, cfg.backbone.out_indices, cfg.backbone.img_size)
         if load_checkpoint and cfg.backbone.checkpoint:
             backbone.load_checkpoint(cfg.backbone.checkpoint)
         neck = _lookup(NECKS, cfg.neck.type, "neck")(backbone.channels, backbone.strides, cfg.neck.channels)
         cls = _lookup(VIEW_TRANSFORMS, vt.type, "view transform")
+        if vt.downsample not in (None, 1) and cls is not LiftSplat:
+            raise ValueError(f"view_transform.downsample is for type lss only, not {vt.type!r}")
         if cls is LiftSplat:
-            view_transform = LiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride)
+            view_transform = LiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride, vt.downsample)
         elif cls is CameraAwareLiftSplat:
             view_transform = CameraAwareLiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride,
                                                   vt.depth_net_channels, vt.depth_net or "simple")
@@ -72,8 +74,12 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
         bev_channels.append(vt.channels)
     if cfg.lidar is not None:
         ld = cfg.lidar
-        lidar = _lookup(LIDAR_ENCODERS, ld.type, "lidar encoder")(grid, ld.channels, ld.point_features,
-                                                                   ld.max_points, ld.max_voxels)
+        cls = _lookup(LIDAR_ENCODERS, ld.type, "lidar encoder")
+        if cls is SparseVoxelEncoder:
+            lidar = SparseVoxelEncoder(grid, ld.channels, ld.point_features, ld.max_points, ld.max_voxels,
+                                       ld.voxel_size, ld.base_channels or 16, ld.zbound)
+        else:
+            lidar = cls(grid, ld.channels, ld.point_features, ld.max_points, ld.max_voxels)
         bev_channels.append(ld.channels)
     if len(bev_channels) > 1:
         fuser = _lookup(FUSERS, cfg.fuser.type, "fuser")(bev_channels, cfg.fuser.channels)

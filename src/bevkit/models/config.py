@@ -50,16 +50,20 @@ class GridConfig(Frozen):
 
 
 class BackboneConfig(Frozen):
-    """A timm backbone (``features_only``, never downloaded); ``checkpoint``: a local state dict."""
+    """A timm backbone (``features_only``, never downloaded); ``checkpoint``: a local state dict.
+    ``img_size`` (H, W): the input size, for backbones built for one (Swin: its attention masks);
+    None for convolutional ones."""
 
     name: str = "resnet50"
     out_indices: tuple[int, ...] = (3, 4)
     checkpoint: str | None = None
+    img_size: tuple[int, int] | None = None
 
 
 class NeckConfig(Frozen):
-    """Image neck: ``fpn`` (top-down FPN) or ``lss_fpn`` (BEVDet's concat-and-conv); one output map
-    at the stride of the first selected backbone level."""
+    """Image neck: ``fpn`` (top-down FPN), ``lss_fpn`` (BEVDet's concat-and-conv) or
+    ``generalized_lss`` (BEVFusion's top-down concat-and-conv over every level); one output map at
+    the stride of the first selected backbone level."""
 
     type: str = "fpn"
     channels: int = 256
@@ -77,11 +81,13 @@ class ViewTransformConfig(Frozen):
     ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
     names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse CSR path;
     ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
-    memory and speed."""
+    memory and speed. ``downsample`` f (``lss`` only): pool on a grid f times finer and reduce it
+    with strided convs, as BEVFusion's camera branch does."""
 
     type: str = "lss"
     channels: int = 64
     dbound: Bound = (1.0, 60.0, 1.0)
+    downsample: int | None = None
     depth_loss_weight: float = 0.0
     depth_net_channels: int = 256
     depth_net: Literal["bevdepth"] | None = None
@@ -95,14 +101,26 @@ class ViewTransformConfig(Frozen):
 
 
 class LidarConfig(Frozen):
-    """PointPillars: pillars are the BEV grid's cells; ``point_features`` input channels per point
-    (x, y, z, intensity, dt)."""
+    """The LiDAR branch; ``point_features`` input channels per point (x, y, z, intensity, dt),
+    ``channels`` the BEV channels it produces. ``pillars``: PointPillars, pillars are the BEV grid's
+    cells. ``sparse_voxels``: BEVFusion's / CenterPoint's sparse 3D encoder on voxels of
+    ``voxel_size`` (x and y 1/8 of the BEV cell) over ``zbound`` (min, max; None: the grid's),
+    stage widths ``base_channels`` x (1, 2, 4, 8) (None: 16)."""
 
     type: str = "pillars"
     channels: int = 64
     point_features: int = 5
     max_points: int = 20
     max_voxels: int = 30000
+    voxel_size: tuple[float, float, float] | None = None
+    base_channels: int | None = None
+    zbound: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _sparse_needs_voxels(self):
+        if self.type == "sparse_voxels" and self.voxel_size is None:
+            raise ValueError("lidar: type sparse_voxels needs voxel_size (x, y, z) in metres")
+        return self
 
 
 class FuserConfig(Frozen):

@@ -49,3 +49,31 @@ class LSSFPN(nn.Module):
         """
         up = F.interpolate(feats[-1], size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
         return self.fuse(torch.cat([feats[0], up], dim=1))
+
+
+class GeneralizedLSSFPN(nn.Module):
+    """BEVFusion's ``GeneralizedLSSFPN``: from the coarsest level down, each level is concatenated
+    with the bilinearly upsampled level above it, then a 1x1 and a 3x3 conv (BN, ReLU) give
+    ``channels``; the finest level is returned (the one BEVFusion's view transform reads)."""
+
+    def __init__(self, in_channels: list[int], in_strides: list[int], channels: int):
+        super().__init__()
+        if len(in_channels) < 2:
+            raise ValueError("generalized_lss needs at least two backbone levels")
+        n = len(in_channels)
+        self.lateral = nn.ModuleList(
+            conv_bn_relu(in_channels[i] + (in_channels[i + 1] if i == n - 2 else channels), channels, 1)
+            for i in range(n - 1))
+        self.out = nn.ModuleList(conv_bn_relu(channels, channels) for _ in range(n - 1))
+        self.channels = channels
+        self.stride = in_strides[0]
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        """Shapes:
+            feats: [(B, C_i, H_i, W_i)], finest first   returns: (B, channels, H_0, W_0)
+        """
+        x = feats[-1]
+        for i in range(len(feats) - 2, -1, -1):
+            up = F.interpolate(x, size=feats[i].shape[-2:], mode="bilinear", align_corners=False)
+            x = self.out[i](self.lateral[i](torch.cat([feats[i], up], dim=1)))
+        return x

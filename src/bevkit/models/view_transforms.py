@@ -80,13 +80,26 @@ class LiftSplat(nn.Module):
     """BEVDet's view transform: a per-pixel depth distribution over D bins lifts each feature
     into a frustum, pooled into BEV cells with ``bevkit.ops.bev_pool``.
 
-    The pooling plan is rebuilt from the batch's geometry every call.
+    The pooling plan is rebuilt from the batch's geometry every call. With ``downsample`` f > 1
+    (BEVFusion's camera branch), the frustum is pooled on a grid f times finer than ``grid`` and
+    brought back to it by three 3x3 convs (BN, ReLU), the second of stride f.
     """
 
     def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
-                 stride: int):
+                 stride: int, downsample: int | None = None):
         super().__init__()
         self.grid = grid
+        f = downsample or 1
+        if f < 1:
+            raise ValueError(f"view_transform.downsample must be >= 1, got {downsample}")
+        self.pool_grid = grid if f == 1 else grid.model_copy(update={
+            "xbound": (grid.xbound[0], grid.xbound[1], grid.xbound[2] / f),
+            "ybound": (grid.ybound[0], grid.ybound[1], grid.ybound[2] / f)})
+        self.downsample = None if f == 1 else nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, stride=f, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.dbound = tuple(dbound)
         self.num_bins = int(round((dbound[1] - dbound[0]) / dbound[2]))
         self.channels = channels
@@ -110,10 +123,12 @@ class LiftSplat(nn.Module):
         with torch.no_grad():
             depths = depth_bin_centres(self.dbound, intrinsics)
             points = frustum_points_ego(intrinsics, img_aug, ego_from_cam, depths, h, w, self.stride)
-            plan = bev_pool_plan(points.float(), self.grid.spec())
+            plan = bev_pool_plan(points.float(), self.pool_grid.spec())
         # The sparse CSR product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
         with torch.autocast(device_type=feats.device.type, enabled=False):
-            bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, Y, X)
+            bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, fY, fX)
+        if self.downsample is not None:
+            bev = self.downsample(bev)  # (B, C, Y, X)
         return bev, depth
 
     def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,

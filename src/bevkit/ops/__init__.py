@@ -22,6 +22,13 @@ from .nms import (
     rotated_iou_bev,
     rotated_iou_bev_aligned,
 )
+from .sparse_conv import (
+    SparseVoxels,
+    conv_output_shape,
+    sparse_conv3d,
+    sparse_conv3d_reference,
+    strided_output_coords,
+)
 from .voxelize import (
     Voxels,
     pillar_scatter,
@@ -39,6 +46,7 @@ __all__ = [
     "deform_conv2d", "deform_conv2d_reference",
     "bev_corners", "circle_nms", "circle_nms_reference", "nms_rotated", "nms_rotated_reference",
     "rotated_iou_bev", "rotated_iou_bev_aligned",
+    "SparseVoxels", "conv_output_shape", "sparse_conv3d", "sparse_conv3d_reference", "strided_output_coords",
     "Voxels", "pillar_scatter", "pillar_scatter_reference", "voxelize", "voxelize_batch",
     "voxelize_reference",
 ]
