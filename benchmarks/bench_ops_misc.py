@@ -1,4 +1,4 @@
-"""Benchmark voxelisation, pillar scatter, BEV warping and NMS: fast path vs reference.
+"""Benchmark voxelisation, pillar scatter, BEV warping, NMS and sparse 3D convolution: fast path vs reference.
 
 Prints one JSON document; each figure is the median of repeats in this process, and
 each ratio is reference time / fast time measured in the same run.
@@ -20,6 +20,7 @@ import torch
 
 from bevkit.ops import (
     BEVGridSpec,
+    SparseVoxels,
     bev_warp,
     bev_warp_reference,
     circle_nms,
@@ -28,6 +29,8 @@ from bevkit.ops import (
     nms_rotated_reference,
     pillar_scatter,
     pillar_scatter_reference,
+    sparse_conv3d,
+    sparse_conv3d_reference,
     voxelize,
     voxelize_batch,
     voxelize_reference,
@@ -117,6 +120,31 @@ def main() -> None:
                          "identical": bool(torch.equal(c_keep, circle_nms_reference(centres, scores, 2.0, groups))),
                          "fast_ms": timed(lambda: circle_nms(centres, scores, 2.0, groups), reps),
                          "reference_ms": timed(lambda: circle_nms_reference(centres, scores, 2.0, groups), 1)}
+    # Sparse 3D convolution at a BEVFusion-like voxel size (0.1 x 0.1 x 0.2 m over +-12.8 m, z in
+    # [-5, 3]: a (41, 256, 256) grid, which the dense reference can still hold), 16 channels, batch 2.
+    vs3, pr3 = (0.1, 0.1, 0.2), (-12.8, -12.8, -5.0, 12.8, 12.8, 3.0)
+    vox3 = voxelize_batch([lidar_sweep(seed=s) for s in range(2)], vs3, pr3, 10, 200000)
+    mean3 = vox3.features.sum(1) / vox3.num_points.clamp(min=1).unsqueeze(1)
+    feats3 = torch.cat([mean3, torch.randn(len(mean3), 12, generator=torch.Generator().manual_seed(1))], 1)
+    sv = SparseVoxels.from_voxels(feats3, vox3.coords, (41, 256, 256), 2)
+    for name, kw, cout in (("sparse_conv_subm", {"subm": True}, 16), ("sparse_conv_stride2", {"stride": 2, "padding": 1}, 32)):
+        w = torch.randn(3, 3, 3, 16, cout) * 0.05
+
+        def run(fn, grad, w=w, kw=kw):
+            x = sv.replace(sv.features.clone().requires_grad_(grad))
+            wg = w.clone().requires_grad_(grad)
+            out = fn(SparseVoxels(x.features, x.coords, x.shape, x.batch_size), wg, None, **kw).features
+            if grad:
+                out.sum().backward()
+            return out
+
+        diff = float((run(sparse_conv3d, False) - run(sparse_conv3d_reference, False)).abs().max())
+        res[name] = {"voxels": len(sv.coords), "grid": [41, 256, 256], "batch": 2, "channels": [16, cout],
+                     "max_abs_diff": diff,
+                     "fast_fwd_ms": timed(lambda: run(sparse_conv3d, False), reps),
+                     "reference_fwd_ms": timed(lambda: run(sparse_conv3d_reference, False), 1),
+                     "fast_fwd_bwd_ms": timed(lambda: run(sparse_conv3d, True), reps),
+                     "reference_fwd_bwd_ms": timed(lambda: run(sparse_conv3d_reference, True), 1)}
     ratios = {}
     for key, r in res.items():
         if "fast_ms" in r:

@@ -3,9 +3,10 @@
 A :class:`SparseVoxels` holds the features of the occupied voxels only. A convolution visits each
 kernel offset once: it finds, for every output voxel, the input voxel at that offset (a binary
 search in the input's sorted voxel keys), gathers those inputs, multiplies them by the offset's
-weight matrix and adds the products into the outputs. Nothing of size (grid) or (voxels x kernel
-volume x channels) is formed, so the cost follows the occupied voxels, as spconv's does, without a
-compiled extension. Autograd comes from the gather / matmul / index_add it is made of.
+weight matrix, and a compressed-row sparse product adds the products into the outputs. Nothing of
+size (grid) or (voxels x kernel volume x channels) is formed, so the cost follows the occupied
+voxels, as spconv's gather-GEMM-scatter does, without a compiled extension; a custom autograd
+function runs the same layouts backwards.
 
 ``sparse_conv3d_reference`` runs the same layer as a dense ``conv3d`` on the densified grid and
 reads the result at the output voxels: it is exact and slow, for tests.
@@ -14,6 +15,7 @@ reads the result at the output voxels: it is exact and slow, for tests.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +50,7 @@ class SparseVoxels:
     """Features of the occupied voxels of a batch of 3D grids.
 
     ``coords`` are unique and sorted by :func:`voxel_keys`; ``shape`` is the grid's (Z, Y, X);
-    ``pairs`` caches, per kernel size, the gather/scatter index pairs of the submanifold
+    ``pairs`` caches, per kernel size, the gather/scatter index pairs (:func:`conv_pairs`) of the submanifold
     convolutions on these voxels, so that every such layer on the same voxel set shares them.
 
     Shapes:
@@ -141,36 +143,115 @@ def strided_output_coords(coords: Tensor, shape: Triple, kernel, stride, padding
     return torch.stack([bb, iz, iy, ix], dim=1), out_shape
 
 
-def conv_pairs(in_coords: Tensor, in_shape: Triple, out_coords: Tensor, kernel, stride, padding) -> list:
-    """For each kernel offset, the (input row, output row) pairs it connects.
+def conv_pairs(in_coords: Tensor, in_shape: Triple, out_coords: Tensor, kernel, stride,
+               padding) -> tuple[Tensor, Tensor, list[int]]:
+    """The (input row, output row) pairs a convolution connects, grouped by kernel offset.
 
     Input voxel ``out * stride - padding + offset`` feeds output voxel ``out`` through the weight
     of ``offset``; the input is looked up by binary search in the sorted input keys.
 
     Shapes:
-        in_coords: (M, 4)   out_coords: (M', 4)   returns: K (in_rows (P_k,), out_rows (P_k,)) int64
+        in_coords: (M, 4)   out_coords: (M', 4)
+        returns: in_rows (P,), out_rows (P,) int64, offset after offset (in ``itertools.product``
+        order of the kernel window), and the K pair counts per offset
     """
     k, s, p = _triple(kernel), _triple(stride), _triple(padding)
-    in_keys = voxel_keys(in_coords, in_shape)
     device = in_coords.device
+    offs = _offsets(k, device)  # (K, 3)
+    n_out = len(out_coords)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    if len(in_coords) == 0 or n_out == 0:
+        return empty, empty, [0] * len(offs)
+    in_keys = voxel_keys(in_coords, in_shape)
     base = out_coords[:, 1:] * torch.tensor(s, device=device) - torch.tensor(p, device=device)  # (M', 3)
-    limit = torch.tensor(in_shape, device=device)
-    out_rows_all = torch.arange(len(out_coords), device=device)
-    pairs = []
-    for off in _offsets(k, device):
-        pos = base + off
-        inside = ((pos >= 0) & (pos < limit)).all(-1)
-        rows = out_rows_all[inside]
-        cand = torch.cat([out_coords[inside, :1], pos[inside]], dim=1)
-        if len(in_keys) == 0 or len(cand) == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            pairs.append((empty, empty))
-            continue
-        ck = voxel_keys(cand, in_shape)
-        at = torch.searchsorted(in_keys, ck).clamp(max=len(in_keys) - 1)
-        hit = in_keys[at] == ck
-        pairs.append((at[hit], rows[hit]))
-    return pairs
+    pos = base[None] + offs[:, None]  # (K, M', 3): every offset at once, a few large kernels
+    inside = ((pos >= 0) & (pos < torch.tensor(in_shape, device=device))).all(-1)  # (K, M')
+    z, y, x = in_shape
+    keys = ((out_coords[None, :, 0] * z + pos[..., 0]) * y + pos[..., 1]) * x + pos[..., 2]  # (K, M')
+    keys = keys.reshape(-1)
+    at = torch.searchsorted(in_keys, keys).clamp_(max=len(in_keys) - 1)
+    hit = (in_keys[at] == keys) & inside.reshape(-1)
+    flat = hit.nonzero().squeeze(1)  # ordered by offset, then output row
+    counts = torch.bincount(torch.div(flat, n_out, rounding_mode="floor"), minlength=len(offs)).tolist()
+    return at[flat], flat % n_out, counts
+
+
+@dataclass
+class ConvPairs:
+    """The pairs of one convolution and the two compressed-row layouts its products use: the
+    scatter of the P pair products into the M' outputs (rows: outputs, columns: pairs) and the
+    scatter of the pair gradients into the M inputs (rows: inputs, columns: pairs)."""
+
+    rows_in: Tensor  # (P,)
+    rows_out: Tensor  # (P,)
+    counts: list  # K pair counts, offset after offset
+    num_in: int
+    num_out: int
+    out_crow: Tensor  # (M' + 1,)
+    out_col: Tensor  # (P,) pair indices ordered by output row
+    in_crow: Tensor  # (M + 1,)
+    in_col: Tensor  # (P,) pair indices ordered by input row
+
+    @classmethod
+    def build(cls, rows_in: Tensor, rows_out: Tensor, counts: list, num_in: int, num_out: int) -> "ConvPairs":
+        def layout(rows: Tensor, n: int) -> tuple[Tensor, Tensor]:
+            crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+            crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+            return crow, torch.argsort(rows, stable=True)
+
+        out_crow, out_col = layout(rows_out, num_out)
+        in_crow, in_col = layout(rows_in, num_in)
+        return cls(rows_in, rows_out, counts, num_in, num_out, out_crow, out_col, in_crow, in_col)
+
+
+def _csr(crow: Tensor, col: Tensor, size: tuple[int, int], dtype) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, torch.ones(len(col), dtype=dtype, device=col.device), size,
+                                       check_invariants=False)
+
+
+def _blocks(counts: list):
+    start = 0
+    for k, c in enumerate(counts):
+        if c:
+            yield k, start, start + c
+        start += c
+
+
+class _SparseConv(torch.autograd.Function):
+    """out = S_out @ [gather(features)_k @ W_k]_k; the gradients run the same layouts backwards:
+    the pair gradients are a gather of the output gradient, the input gradient a compressed-row
+    product with S_in, and each weight's gradient one product over its block of pairs."""
+
+    @staticmethod
+    def forward(ctx, features, weight, pairs: ConvPairs):
+        gathered = features.index_select(0, pairs.rows_in)  # (P, C_in)
+        prods = features.new_empty(len(pairs.rows_in), weight.shape[2])
+        for k, a, b in _blocks(pairs.counts):
+            torch.mm(gathered[a:b], weight[k], out=prods[a:b])
+        scatter = _csr(pairs.out_crow, pairs.out_col, (pairs.num_out, len(pairs.rows_in)), features.dtype)
+        ctx.save_for_backward(gathered, weight)
+        ctx.pairs = pairs
+        return scatter @ prods  # (M', C_out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gathered, weight = ctx.saved_tensors
+        pairs = ctx.pairs
+        grad_prods = grad_out.contiguous().index_select(0, pairs.rows_out)  # (P, C_out)
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            for k, a, b in _blocks(pairs.counts):
+                torch.mm(gathered[a:b].t(), grad_prods[a:b], out=grad_weight[k])
+        if ctx.needs_input_grad[0]:
+            grad_gathered = grad_prods.new_empty(len(pairs.rows_in), weight.shape[1])
+            for k, a, b in _blocks(pairs.counts):
+                torch.mm(grad_prods[a:b], weight[k].t(), out=grad_gathered[a:b])
+            gather_t = _csr(pairs.in_crow, pairs.in_col, (pairs.num_in, len(pairs.rows_in)), grad_out.dtype)
+            grad_features = gather_t @ grad_gathered  # (M, C_in)
+        return grad_features, grad_weight, None
 
 
 def sparse_conv3d(x: SparseVoxels, weight: Tensor, bias: Tensor | None = None, stride=1, padding=None,
@@ -203,16 +284,19 @@ def sparse_conv3d(x: SparseVoxels, weight: Tensor, bias: Tensor | None = None, s
     if subm and kernel in x.pairs:
         pairs = x.pairs[kernel]
     else:
-        pairs = conv_pairs(x.coords, x.shape, out_coords, kernel, 1 if subm else stride_pad[0],
-                           padding if subm else stride_pad[1])
+        rows_in, rows_out, counts = conv_pairs(x.coords, x.shape, out_coords, kernel, 1 if subm else stride_pad[0],
+                                               padding if subm else stride_pad[1])
+        pairs = ConvPairs.build(rows_in, rows_out, counts, len(x.coords), len(out_coords))
         if subm:
             x.pairs[kernel] = pairs
     w = weight.reshape(-1, weight.shape[3], weight.shape[4])  # (K, C_in, C_out)
-    out = x.features.new_zeros(len(out_coords), w.shape[2])
-    for k, (rows_in, rows_out) in enumerate(pairs):
-        if len(rows_in):
-            # Under autocast the product may come out in bf16/fp16; the sum stays in the input dtype.
-            out.index_add_(0, rows_out, (x.features.index_select(0, rows_in) @ w[k]).to(out.dtype))
+    if len(pairs.rows_in) == 0:
+        out = x.features.new_zeros(len(out_coords), w.shape[2]) + 0 * w.sum()  # keeps the graph to the weight
+    else:
+        # The compressed-row products have no bf16/fp16 kernel on CPU: the layer runs in the
+        # features' dtype (float32 under autocast), as ops.bev_pool does.
+        with torch.autocast(device_type=x.features.device.type, enabled=False):
+            out = _SparseConv.apply(x.features, w.to(x.features.dtype).contiguous(), pairs)
     if bias is not None:
         out = out + bias
     if subm:
