@@ -14,14 +14,15 @@ torch thread:
   the preset's ``data.sweeps``): a sparse-voxel encoder's cost follows the occupied voxels, which
   uniform random points overstate. GFLOPs as the
   counter defines them (2 per multiply-add). The counter has no rule for sparse tensors: the CSR
-  products of ``ops.bev_pool`` and ``ops.deform_attn`` dispatch to ``aten.mm`` and are counted as
-  if the sparse matrix were dense. They run in the code of the view transform's modules and of the
-  DETR decoder's cross-attention modules themselves, while their linear layers are child modules
-  (counted apart, as ``aten.addmm``, or ``aten.mm`` for 3-D inputs), so ``sparse_as_dense`` is the
-  ``aten.mm`` those modules count for themselves, minus their counted submodules', and
-  ``without_sparse`` the total minus it. ``sparse_true`` counts the same products as they are (a
-  dispatch mode beside the counter: 2 FLOPs per stored entry of the sparse matrix and column of the
-  dense one) and ``with_sparse_true`` is ``without_sparse`` plus that.
+  products of ``ops.bev_pool``, ``ops.deform_attn`` and ``ops.sparse_conv3d`` dispatch to
+  ``aten.mm`` and are counted as if the sparse matrix were dense. A dispatch mode beside the counter
+  sees every ``aten.mm`` / ``aten.addmm`` with a sparse operand and records what the counter counted
+  for it (``sparse_as_dense``; ``without_sparse`` is the total minus it) and what the product costs
+  as the sparse product it is (``sparse_true``: 2 FLOPs per stored entry of the sparse matrix and
+  column of the dense one); ``with_sparse_true`` is ``without_sparse`` plus that. (The earlier,
+  module-based estimate of ``sparse_as_dense``, the ``aten.mm`` the view transform's and the DETR
+  decoder's cross-attention modules count for themselves, is kept as ``sparse_as_dense_by_module``;
+  the two agree where no sparse LiDAR encoder runs.)
 - ``train-memory``: one training step (forward + loss + backward, no optimiser step) at batch 1
   on a sample of a nuScenes-format dataset read exactly as ``bevkit train`` reads it
   (``engine.data.data_config`` for the preset without augmentation, ``HistoryDataset`` for the
@@ -133,22 +134,28 @@ def child_params(exp) -> dict:
 class SparseProductCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """FLOPs of the sparse products as what they are: 2 per stored entry of the sparse matrix and
     column of the dense one, for every ``aten.mm`` / ``aten.addmm`` whose matrix is sparse (the CSR
-    products of ``ops.bev_pool`` and ``ops.deform_attn``, forward only here)."""
+    products of ``ops.bev_pool``, ``ops.deform_attn`` and ``ops.sparse_conv3d``, forward only here),
+    and ``as_dense``, what ``FlopCounterMode`` counts for the same calls (2 x rows x inner x columns,
+    as if the sparse matrix were dense)."""
 
     SPARSE = (torch.sparse_csr, torch.sparse_coo, torch.sparse_csc, torch.sparse_bsr)
 
     def __init__(self):
         super().__init__()
         self.flops = 0
+        self.as_dense = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         pack = func._overloadpacket
         if pack in (torch.ops.aten.mm, torch.ops.aten.addmm):
             a, b = (args[0], args[1]) if pack is torch.ops.aten.mm else (args[1], args[2])
-            if isinstance(a, torch.Tensor) and a.layout in self.SPARSE:
-                self.flops += 2 * a._nnz() * b.shape[-1]
-            elif isinstance(b, torch.Tensor) and b.layout in self.SPARSE:
-                self.flops += 2 * b._nnz() * a.shape[0]
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+                    a.layout in self.SPARSE or b.layout in self.SPARSE):
+                self.as_dense += 2 * a.shape[0] * a.shape[1] * b.shape[-1]
+                if a.layout in self.SPARSE:
+                    self.flops += 2 * a._nnz() * b.shape[-1]
+                else:
+                    self.flops += 2 * b._nnz() * a.shape[0]
         return func(*args, **(kwargs or {}))
 
 
@@ -190,8 +197,9 @@ def child_flops(exp, points: int, data_points: list | None = None) -> dict:
     # modules and the DETR decoder's cross-attention (their Linear layers are counted apart, as children).
     decoder = re.compile(r"BEVModel\.heads\.detection\.layers\.\d+\.cross_attn")
     head_sparse = sum(own(n, "aten.mm") for n in counts if decoder.fullmatch(n))
-    sparse = sum(own(n, "aten.mm") for n in counts if n == "BEVModel.view_transform"
-                 or n.startswith("BEVModel.view_transform.")) + head_sparse
+    # Every sparse product, wherever it runs (the view transform, the DETR decoder, the sparse LiDAR
+    # encoder's scatters), as the counter counted it.
+    sparse = sparse_counter.as_dense / 1e9
     return {"image": None if exp.model.view_transform is None else "x".join(map(str, exp.data.image_size)),
             "points": int(sum(len(p) for p in batch["points"])) if exp.model.lidar is not None else 0,
             "points_from": "data" if data_points is not None else "random",
@@ -200,6 +208,8 @@ def child_flops(exp, points: int, data_points: list | None = None) -> dict:
             "backbone": total("BEVModel.backbone") if exp.model.view_transform is not None else None,
             "bev_encoder": total("BEVModel.bev_encoder"), "heads": total("BEVModel.heads") - head_sparse,
             "by_component": {name: total(f"BEVModel.{name}") for name in COMPONENTS},
+            "sparse_as_dense_by_module": sum(own(n, "aten.mm") for n in counts if n == "BEVModel.view_transform"
+                                             or n.startswith("BEVModel.view_transform.")) + head_sparse,
             "seconds": seconds}
 
 

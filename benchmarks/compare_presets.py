@@ -31,10 +31,11 @@ PRESETS = (
     ("bevdet4d-synth", "camera, temporal (BEVDet4D, 2 frames)"),
     ("bevformer-synth", "camera, deformable attention (BEVFormer encoder + DETR head)"),
     ("pointpillars-synth", "LiDAR (PointPillars)"),
-    ("bevfusion-synth", "camera + LiDAR (BEVFusion)"),
+    ("bevfusion-pillars-synth", "camera + LiDAR (BEVFusion's fuser, PointPillars LiDAR)"),
+    ("bevfusion-synth", "camera + LiDAR (BEVFusion, sparse-voxel LiDAR)"),
     ("nmp-synth", "map segmentation (NMP baseline, BEVFormer encoder)"),
 )
-LIDAR = {"pointpillars-synth", "bevfusion-synth"}
+LIDAR = {"pointpillars-synth", "bevfusion-pillars-synth", "bevfusion-synth"}
 
 
 def common_overrides(args) -> list[str]:
@@ -127,10 +128,9 @@ ORDERINGS = (
     ("depth supervision above plain lift-splat (NDS)", "bevdepth-synth", "NDS", ">", "bevdet-synth"),
     ("temporal velocity error below single-frame (mAVE)", "bevdet4d-synth", "mAVE", "<", "bevdet-synth"),
     ("temporal velocity error below single-frame (car AVE)", "bevdet4d-synth", "car_AVE", "<", "bevdet-synth"),
-    ("fusion above LiDAR only (mAP)", "bevfusion-synth", "mAP", ">", "pointpillars-synth"),
-    ("fusion above camera only (mAP)", "bevfusion-synth", "mAP", ">", "bevdet-synth"),
-    ("fusion above LiDAR only (NDS)", "bevfusion-synth", "NDS", ">", "pointpillars-synth"),
-    ("fusion above camera only (NDS)", "bevfusion-synth", "NDS", ">", "bevdet-synth"),
+    *((f"fusion above {what} only ({metric})", fused, metric, ">", single)
+      for fused in ("bevfusion-pillars-synth", "bevfusion-synth") for metric in ("mAP", "NDS")
+      for what, single in (("LiDAR", "pointpillars-synth"), ("camera", "bevdet-synth"))),
 )
 
 

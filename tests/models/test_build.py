@@ -47,7 +47,37 @@ def test_unknown_variant_names_the_choices():
     cfg = ModelConfig(**{**cfg.model_dump(), "neck": {"type": "bifpn"}})
     with pytest.raises(ValueError, match="fpn"):
         build_model(cfg)
-    assert set(VIEW_TRANSFORMS) == {"lss", "lss_camera_aware", "bilinear", "deform"}
+    assert set(VIEW_TRANSFORMS) == {"lss", "lss_camera_aware", "lss_depth", "bilinear", "deform"}
+
+
+def test_bevfusion_branches_check_their_settings():
+    base = load_config(CONFIGS / "bevfusion-synth.yaml").model_dump()
+    with pytest.raises(pydantic.ValidationError, match="voxel_size"):
+        ModelConfig(**{**base, "lidar": {**base["lidar"], "voxel_size": None}})
+    with pytest.raises(ValueError, match="1/8 of the BEV cell"):
+        build_model(ModelConfig(**{**base, "lidar": {**base["lidar"], "voxel_size": (0.2, 0.2, 0.2)}}))
+    with pytest.raises(ValueError, match="z levels"):
+        build_model(ModelConfig(**{**base, "lidar": {**base["lidar"], "channels": 33}}))
+    with pytest.raises(ValueError, match="downsample is for"):
+        build_model(ModelConfig(**{**base, "view_transform": {**base["view_transform"], "type": "bilinear"}}))
+    model = build_model(ModelConfig(**base))
+    # The camera branch pools on a grid twice as fine and reduces it to the model's grid.
+    assert model.view_transform.pool_grid.shape == (64, 64) and model.cfg.grid.shape == (32, 32)
+    assert model.lidar.sparse_shape == (41, 256, 256)
+
+
+def test_lidar_depth_image_keeps_the_nearest_point_per_pixel():
+    from bevkit.models.view_transforms import lidar_depth_image
+
+    k = torch.tensor([[[[100.0, 0, 32], [0, 100.0, 16], [0, 0, 1]]]])  # (1, 1, 3, 3), a 64 x 32 image
+    aug = torch.eye(3).view(1, 1, 3, 3)
+    ego_from_cam = torch.eye(4).view(1, 1, 4, 4)  # camera frame = ego frame: z is the depth
+    pts = torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 5.0], [0.5, 0.2, 10.0], [0.0, 0.0, -3.0], [50.0, 0, 1.0]])
+    img = lidar_depth_image([pts], k, aug, ego_from_cam, (32, 64))
+    assert img.shape == (1, 1, 1, 32, 64)
+    assert img[0, 0, 0, 16, 32] == 5.0  # two points on the optical axis: the nearer one
+    assert img[0, 0, 0, 18, 37] == 10.0  # (0.5, 0.2) at 10 m -> pixel (32 + 5, 16 + 2)
+    assert int((img > 0).sum()) == 2  # behind the camera and outside the image: nothing
 
 
 def test_backbone_loads_a_local_checkpoint_with_weights_only(tmp_path):

@@ -20,7 +20,7 @@ def expected_shapes(cfg, b: int, n: int) -> dict:
     """The shapes docs/models.md documents, computed from the config."""
     ny, nx = cfg.grid.shape
     out = {}
-    if cfg.view_transform is not None and cfg.view_transform.type in ("lss", "lss_camera_aware"):
+    if cfg.view_transform is not None and cfg.view_transform.type in ("lss", "lss_camera_aware", "lss_depth"):
         d = int(round((cfg.view_transform.dbound[1] - cfg.view_transform.dbound[0]) / cfg.view_transform.dbound[2]))
         out["depth"] = (b, n, d, H // 16, W // 16)
     c = cfg.fuser.channels if cfg.fuser else (cfg.view_transform or cfg.lidar).channels

@@ -40,7 +40,8 @@ def data_config(cfg: ExperimentConfig, train: bool) -> DataConfig:
     cameras = tuple(d.cameras) if m.view_transform is not None else ()  # a LiDAR-only model reads no image
     kw = dict(cameras=cameras, image_size=tuple(d.image_size), sweeps=d.sweeps,
               load_points=m.lidar is not None or (m.view_transform is not None
-                                                  and m.view_transform.depth_loss_weight > 0),
+                                                  and (m.view_transform.depth_loss_weight > 0
+                                                       or m.view_transform.type == "lss_depth")),
               occupancy=m.heads.occupancy is not None)
     if d.class_map is not None:
         kw["category_map"] = dict(d.class_map)

@@ -24,7 +24,7 @@ from bevkit.data.dataset import normalise
 from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
 from bevkit.models.map_prior import MapPriorFusion
-from bevkit.models.view_transforms import depth_loss, depth_targets
+from bevkit.models.view_transforms import DepthLiftSplat, depth_loss, depth_targets
 
 
 class BEVModel(nn.Module):
@@ -70,6 +70,8 @@ class BEVModel(nn.Module):
             if isinstance(self.view_transform, BEVFormerEncoder):  # reads its own history
                 cam_bev, depth = self.view_transform(feats, *geometry, batch.get("prev_bev"),
                                                      batch.get("curr_from_prev"))
+            elif isinstance(self.view_transform, DepthLiftSplat):  # BEVFusion: LiDAR depth into the depth net
+                cam_bev, depth = self.view_transform(feats, *geometry, batch.get("points"))
             else:
                 cam_bev, depth = self.view_transform(feats, *geometry)
             bevs.append(cam_bev)

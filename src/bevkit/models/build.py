@@ -22,12 +22,12 @@ from bevkit.models.lidar import PointPillars, SparseVoxelEncoder
 from bevkit.models.map_prior import MapPriorFusion
 from bevkit.models.necks import FPN, LSSFPN, GeneralizedLSSFPN
 from bevkit.models.temporal import BEVDet4D
-from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, LiftSplat
+from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, DepthLiftSplat, LiftSplat
 from bevkit.ops import deform_attn, deform_attn_exportable, deform_attn_reference
 
 NECKS = {"fpn": FPN, "lss_fpn": LSSFPN, "generalized_lss": GeneralizedLSSFPN}
-VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "bilinear": BilinearLift,
-                   "deform": BEVFormerEncoder}
+VIEW_TRANSFORMS = {"lss": LiftSplat, "lss_camera_aware": CameraAwareLiftSplat, "lss_depth": DepthLiftSplat,
+                   "bilinear": BilinearLift, "deform": BEVFormerEncoder}
 LIDAR_ENCODERS = {"pillars": PointPillars, "sparse_voxels": SparseVoxelEncoder}
 FUSERS = {"conv": ConvFuser}
 TEMPORAL = {"bevdet4d": BEVDet4D}
@@ -58,10 +58,10 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
             backbone.load_checkpoint(cfg.backbone.checkpoint)
         neck = _lookup(NECKS, cfg.neck.type, "neck")(backbone.channels, backbone.strides, cfg.neck.channels)
         cls = _lookup(VIEW_TRANSFORMS, vt.type, "view transform")
-        if vt.downsample not in (None, 1) and cls is not LiftSplat:
-            raise ValueError(f"view_transform.downsample is for type lss only, not {vt.type!r}")
-        if cls is LiftSplat:
-            view_transform = LiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride, vt.downsample)
+        if vt.downsample not in (None, 1) and cls not in (LiftSplat, DepthLiftSplat):
+            raise ValueError(f"view_transform.downsample is for types lss and lss_depth, not {vt.type!r}")
+        if cls in (LiftSplat, DepthLiftSplat):
+            view_transform = cls(neck.channels, vt.channels, grid, vt.dbound, neck.stride, vt.downsample)
         elif cls is CameraAwareLiftSplat:
             view_transform = CameraAwareLiftSplat(neck.channels, vt.channels, grid, vt.dbound, neck.stride,
                                                   vt.depth_net_channels, vt.depth_net or "simple")

@@ -81,8 +81,10 @@ class ViewTransformConfig(Frozen):
     ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
     names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse CSR path;
     ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
-    memory and speed. ``downsample`` f (``lss`` only): pool on a grid f times finer and reduce it
-    with strided convs, as BEVFusion's camera branch does."""
+    memory and speed. ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also
+    reads the LiDAR points projected into each image (needs a LiDAR input in the batch).
+    ``downsample`` f (``lss``, ``lss_depth``): pool on a grid f times finer and reduce it with
+    strided convs, as BEVFusion's camera branch does."""
 
     type: str = "lss"
     channels: int = 64

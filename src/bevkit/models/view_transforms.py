@@ -119,17 +119,26 @@ class LiftSplat(nn.Module):
         b, n, _, h, w = feats.shape
         logits, ctx = self.depth_and_context(feats, intrinsics, img_aug, ego_from_cam)
         depth = logits.softmax(dim=1).view(b, n, self.num_bins, h, w)
-        ctx = ctx.reshape(b, n, self.channels, h, w)
+        return self.pool(depth, ctx.reshape(b, n, self.channels, h, w), intrinsics, img_aug, ego_from_cam), depth
+
+    def pool(self, depth: Tensor, ctx: Tensor, intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor) -> Tensor:
+        """Splat context weighted by depth onto the grid (through the finer grid and the
+        downsampling convs when ``downsample`` is set).
+
+        Shapes:
+            depth: (B, N, D, H, W)   ctx: (B, N, C, H, W)   returns: (B, C, Y, X)
+        """
+        h, w = depth.shape[-2:]
         with torch.no_grad():
             depths = depth_bin_centres(self.dbound, intrinsics)
             points = frustum_points_ego(intrinsics, img_aug, ego_from_cam, depths, h, w, self.stride)
             plan = bev_pool_plan(points.float(), self.pool_grid.spec())
         # The sparse CSR product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
-        with torch.autocast(device_type=feats.device.type, enabled=False):
+        with torch.autocast(device_type=depth.device.type, enabled=False):
             bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, fY, fX)
         if self.downsample is not None:
             bev = self.downsample(bev)  # (B, C, Y, X)
-        return bev, depth
+        return bev
 
     def depth_and_context(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor,
                           ego_from_cam: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,6 +149,81 @@ class LiftSplat(nn.Module):
         """
         x = self.depthnet(feats.flatten(0, 1))  # (B*N, D + C, H, W)
         return x[:, : self.num_bins], x[:, self.num_bins:]
+
+
+def lidar_depth_image(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
+                      hw: tuple[int, int]) -> Tensor:
+    """Each image pixel's nearest LiDAR depth (metres along the optical axis), 0 where no point
+    lands: the sparse depth input of BEVFusion's ``DepthLSSTransform``.
+
+    Frames: ``points`` (x, y, z first) in the ego frame; pixels of the augmented images (centres at
+    integer coordinates).
+
+    Shapes:
+        points: B tensors (P_b, F >= 3)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
+        returns: (B, N, 1, H, W)
+    """
+    h, w = hw
+    b, n = intrinsics.shape[:2]
+    out = torch.zeros(b, n, h * w, dtype=intrinsics.dtype, device=intrinsics.device)
+    cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
+    img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
+    for i, pts in enumerate(points):
+        xyz = pts[:, :3].to(intrinsics.dtype)  # (P, 3)
+        cam = xyz @ cam_from_ego[i, :, :3, :3].transpose(-1, -2) + cam_from_ego[i, :, None, :3, 3]  # (N, P, 3)
+        z = cam[..., 2]
+        uvw = cam @ img_from_cam[i].transpose(-1, -2)  # (N, P, 3)
+        ok = z > 1e-3
+        z_safe = torch.where(ok, z, torch.ones_like(z))
+        col = torch.floor(uvw[..., 0] / z_safe + 0.5)
+        row = torch.floor(uvw[..., 1] / z_safe + 0.5)
+        ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        cam_idx = torch.arange(n, device=z.device).view(n, 1).expand_as(z)
+        flat = (cam_idx * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()[ok]
+        nearest = torch.full((n * h * w,), float("inf"), dtype=z.dtype, device=z.device)
+        nearest.scatter_reduce_(0, flat, z[ok], reduce="amin")
+        out[i] = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)).view(n, h * w)
+    return out.view(b, n, 1, h, w)
+
+
+class DepthLiftSplat(LiftSplat):
+    """BEVFusion's ``DepthLSSTransform``: lift-splat whose depth net also sees the LiDAR. The
+    points are projected into every image as a sparse depth map (:func:`lidar_depth_image`), which
+    three convs (1x1 to 8; 5x5 stride 4 to 32; 5x5 to 64 at the feature stride) encode; it is
+    concatenated with the image features, and two 3x3 convs (BN, ReLU) and a 1x1 conv give the D
+    depth logits and C context channels. Pooling (and ``downsample``) as :class:`LiftSplat`.
+    """
+
+    def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
+                 stride: int, downsample: int | None = None):
+        super().__init__(in_channels, channels, grid, dbound, stride, downsample)
+        if stride % 4 or stride < 4:
+            raise ValueError(f"lss_depth needs a feature stride that is a multiple of 4, got {stride}")
+        self.dtransform = nn.Sequential(
+            nn.Conv2d(1, 8, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 32, 5, stride=4, padding=2), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 5, stride=stride // 4, padding=2), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.depthnet = nn.Sequential(
+            nn.Conv2d(in_channels + 64, in_channels, 3, padding=1), nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, self.num_bins + channels, 1))
+
+    def forward(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
+                points: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """As :meth:`LiftSplat.forward`, with the sample's LiDAR points (ego frame, B tensors (P_b, F)).
+
+        Shapes:
+            feats: (B, N, C_in, H, W)   returns: bev (B, C, Y, X), depth probabilities (B, N, D, H, W)
+        """
+        if points is None:
+            raise ValueError("lss_depth reads the LiDAR points: the batch needs 'points'")
+        b, n, _, h, w = feats.shape
+        depth_img = lidar_depth_image(points, intrinsics, img_aug, ego_from_cam, (h * self.stride, w * self.stride))
+        d = self.dtransform(depth_img.flatten(0, 1).to(feats.dtype))  # (B*N, 64, H, W)
+        x = self.depthnet(torch.cat([feats.flatten(0, 1), d[..., :h, :w]], dim=1))  # (B*N, D + C, H, W)
+        logits, ctx = x[:, : self.num_bins], x[:, self.num_bins:]
+        depth = logits.softmax(dim=1).view(b, n, self.num_bins, h, w)
+        return self.pool(depth, ctx.reshape(b, n, self.channels, h, w), intrinsics, img_aug, ego_from_cam), depth
 
 
 def camera_parameters(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor) -> Tensor:
