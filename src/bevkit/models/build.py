@@ -22,7 +22,12 @@ from bevkit.models.lidar import PointPillars, SparseVoxelEncoder
 from bevkit.models.map_prior import MapPriorFusion
 from bevkit.models.necks import FPN, LSSFPN, GeneralizedLSSFPN
 from bevkit.models.temporal import BEVDet4D
-from bevkit.models.view_transforms import BilinearLift, CameraAwareLiftSplat, DepthLiftSplat, LiftSplat
+from bevkit.models.view_transforms import (
+    BilinearLift,
+    CameraAwareLiftSplat,
+    DepthLiftSplat,
+    LiftSplat,
+)
 from bevkit.ops import deform_attn, deform_attn_exportable, deform_attn_reference
 
 NECKS = {"fpn": FPN, "lss_fpn": LSSFPN, "generalized_lss": GeneralizedLSSFPN}
