@@ -3,10 +3,11 @@
 A :class:`SparseVoxels` holds the features of the occupied voxels only. A convolution visits each
 kernel offset once: it finds, for every output voxel, the input voxel at that offset (a binary
 search in the input's sorted voxel keys), gathers those inputs, multiplies them by the offset's
-weight matrix, and a compressed-row sparse product adds the products into the outputs. Nothing of
-size (grid) or (voxels x kernel volume x channels) is formed, so the cost follows the occupied
-voxels, as spconv's gather-GEMM-scatter does, without a compiled extension; a custom autograd
-function runs the same layouts backwards.
+weight matrix, and a compressed-row sparse product adds the products into the outputs. No
+feature tensor of the grid's size and nothing of size (voxels x kernel volume x channels) is
+formed (a strided layer marks its output voxels in a one-byte-per-cell bitmap when the output grid
+has at most 2^27 cells), so the cost follows the occupied voxels, as spconv's gather-GEMM-scatter
+does, without a compiled extension; a custom autograd function runs the same layouts backwards.
 
 ``sparse_conv3d_reference`` runs the same layer as a dense ``conv3d`` on the densified grid and
 reads the result at the output voxels: it is exact and slow, for tests.
