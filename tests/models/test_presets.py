@@ -117,7 +117,7 @@ def test_full_size_presets_build(preset):
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
 
 
-@pytest.mark.parametrize("preset", ["bevdet-synth.yaml", "bevformer-synth.yaml"])  # bev_pool, deform_attn
+@pytest.mark.parametrize("preset", ["bevdet-synth.yaml", "bevformer-synth.yaml", "bevfusion-synth.yaml"])  # bev_pool, deform_attn, sparse_conv3d
 def test_a_training_step_under_bf16_autocast(preset):
     # The sparse ops have no bf16 CSR kernel on CPU; the models run them in float32 inside autocast.
     cfg = load_config(CONFIGS / preset)
