@@ -151,6 +151,40 @@ class LiftSplat(nn.Module):
         return x[:, : self.num_bins], x[:, self.num_bins:]
 
 
+def nearest_point_depth(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
+                        hw: tuple[int, int], stride: int, depth_ok) -> Tensor:
+    """Per camera cell of a stride-``stride`` map, the depth (metres along the optical axis) of the
+    nearest LiDAR point that projects into it, inf where none does; ``depth_ok(z)`` masks the
+    depths a caller accepts.
+
+    Frames: ``points`` (x, y, z first) in the ego frame; cells of the augmented images (pixel
+    centres at integer coordinates, cell (i, j) covers pixels [j s, (j + 1) s)).
+
+    Shapes:
+        points: B tensors (P_b, F >= 3)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
+        returns: (B, N, H * W)
+    """
+    h, w = hw
+    b, n = intrinsics.shape[:2]
+    out = torch.full((b, n, h * w), float("inf"), dtype=intrinsics.dtype, device=intrinsics.device)
+    cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
+    img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
+    for i, pts in enumerate(points):
+        xyz = pts[:, :3].to(intrinsics.dtype)  # (P, 3)
+        cam = xyz @ cam_from_ego[i, :, :3, :3].transpose(-1, -2) + cam_from_ego[i, :, None, :3, 3]  # (N, P, 3)
+        z = cam[..., 2]
+        uvw = cam @ img_from_cam[i].transpose(-1, -2)  # (N, P, 3)
+        ok = depth_ok(z)
+        z_safe = torch.where(ok, z, torch.ones_like(z))
+        col = torch.floor((uvw[..., 0] / z_safe + 0.5) / stride)
+        row = torch.floor((uvw[..., 1] / z_safe + 0.5) / stride)
+        ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        cam_idx = torch.arange(n, device=z.device).view(n, 1).expand_as(z)
+        flat = (cam_idx * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()[ok]
+        out[i].view(-1).scatter_reduce_(0, flat, z[ok], reduce="amin")
+    return out
+
+
 def lidar_depth_image(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
                       hw: tuple[int, int]) -> Tensor:
     """Each image pixel's nearest LiDAR depth (metres along the optical axis), 0 where no point
@@ -163,27 +197,9 @@ def lidar_depth_image(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor,
         points: B tensors (P_b, F >= 3)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
         returns: (B, N, 1, H, W)
     """
-    h, w = hw
-    b, n = intrinsics.shape[:2]
-    out = torch.zeros(b, n, h * w, dtype=intrinsics.dtype, device=intrinsics.device)
-    cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
-    img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
-    for i, pts in enumerate(points):
-        xyz = pts[:, :3].to(intrinsics.dtype)  # (P, 3)
-        cam = xyz @ cam_from_ego[i, :, :3, :3].transpose(-1, -2) + cam_from_ego[i, :, None, :3, 3]  # (N, P, 3)
-        z = cam[..., 2]
-        uvw = cam @ img_from_cam[i].transpose(-1, -2)  # (N, P, 3)
-        ok = z > 1e-3
-        z_safe = torch.where(ok, z, torch.ones_like(z))
-        col = torch.floor(uvw[..., 0] / z_safe + 0.5)
-        row = torch.floor(uvw[..., 1] / z_safe + 0.5)
-        ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        cam_idx = torch.arange(n, device=z.device).view(n, 1).expand_as(z)
-        flat = (cam_idx * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()[ok]
-        nearest = torch.full((n * h * w,), float("inf"), dtype=z.dtype, device=z.device)
-        nearest.scatter_reduce_(0, flat, z[ok], reduce="amin")
-        out[i] = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest)).view(n, h * w)
-    return out.view(b, n, 1, h, w)
+    nearest = nearest_point_depth(points, intrinsics, img_aug, ego_from_cam, hw, 1, lambda z: z > 1e-3)
+    nearest = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+    return nearest.view(*nearest.shape[:2], 1, *hw)
 
 
 class DepthLiftSplat(LiftSplat):
@@ -355,25 +371,10 @@ def depth_targets(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego
     h, w = hw
     dmin, dmax, step = dbound
     b, n = intrinsics.shape[:2]
-    out = torch.full((b, n, h * w), -1, dtype=torch.long, device=intrinsics.device)
-    cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
-    img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
-    for i, pts in enumerate(points):
-        xyz = pts[:, :3].to(intrinsics.dtype)  # (P, 3)
-        cam = xyz @ cam_from_ego[i, :, :3, :3].transpose(-1, -2) + cam_from_ego[i, :, None, :3, 3]  # (N, P, 3)
-        z = cam[..., 2]
-        uvw = cam @ img_from_cam[i].transpose(-1, -2)  # (N, P, 3)
-        ok = (z >= dmin) & (z < dmax)
-        z_safe = torch.where(ok, z, torch.ones_like(z))
-        col = torch.floor((uvw[..., 0] / z_safe + 0.5) / stride)
-        row = torch.floor((uvw[..., 1] / z_safe + 0.5) / stride)
-        ok &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        cam_idx = torch.arange(n, device=z.device).view(n, 1).expand_as(z)
-        flat = (cam_idx * h * w + row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).long()[ok]
-        nearest = torch.full((n * h * w,), float("inf"), dtype=z.dtype, device=z.device)
-        nearest.scatter_reduce_(0, flat, z[ok], reduce="amin")
-        bins = torch.floor((nearest - dmin) / step).clamp(max=round((dmax - dmin) / step) - 1)
-        out[i] = torch.where(torch.isfinite(nearest), bins, torch.full_like(bins, -1)).long().view(n, h * w)
+    nearest = nearest_point_depth(points, intrinsics, img_aug, ego_from_cam, hw, stride,
+                                  lambda z: (z >= dmin) & (z < dmax))  # (B, N, H * W)
+    bins = torch.floor((nearest - dmin) / step).clamp(max=round((dmax - dmin) / step) - 1)
+    out = torch.where(torch.isfinite(nearest), bins, torch.full_like(bins, -1)).long()
     return out.view(b, n, h, w)
 
 
