@@ -54,3 +54,9 @@ def test_engine_errors_are_one_line(trained_run, tiny_root, tmp_path, capsys):
 
     assert main(["train", cfg_path, "--resume", "--set", f"out={tmp_path / 'fresh'}"]) == 2
     assert "nothing to resume from" in capsys.readouterr().err
+
+    # Settings only the model builder can check (an unknown variant) are one line too.
+    assert main(["train", cfg_path, "--set", "model.bev_encoder.type=unet", "--set",
+                 f"out={tmp_path / 'unet'}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown BEV encoder 'unet'" in err and err.count("\n") == 1

@@ -54,11 +54,21 @@ def model_state(ckpt: dict, ema: bool = True) -> dict:
     return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
+def build_experiment_model(cfg: ExperimentConfig, load_checkpoint: bool = True) -> BEVModel:
+    """``build_model`` for an experiment, with the settings it rejects (a voxel size that does not
+    divide the BEV cell, an unknown variant name, a missing backbone checkpoint...) reported as a
+    ``ConfigError`` naming the model, so the CLI prints one line instead of a traceback."""
+    try:
+        return build_model(cfg.model, load_checkpoint=load_checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
+
+
 def load_model(path, ema: bool = True) -> tuple[ExperimentConfig, BEVModel]:
     """Rebuild the model from a checkpoint alone (config and weights), in eval mode on the CPU."""
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(path, ckpt)
-    model = build_model(cfg.model, load_checkpoint=False)
+    model = build_experiment_model(cfg, load_checkpoint=False)
     try:
         model.load_state_dict(model_state(ckpt, ema))
     except RuntimeError as e:

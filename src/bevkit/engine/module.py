@@ -13,6 +13,7 @@ from tqdm import tqdm
 import bevkit
 from bevkit.config import ExperimentConfig, Schedule
 from bevkit.data.nuscenes import NuScenesTables
+from bevkit.engine.checkpoint import build_experiment_model
 from bevkit.eval.detection import detection_config
 from bevkit.eval.evaluator import (
     DetectionEvaluator,
@@ -22,7 +23,6 @@ from bevkit.eval.evaluator import (
 from bevkit.eval.groundtruth import load_detection_gt
 from bevkit.eval.map_seg import MapIoU
 from bevkit.eval.occupancy import OccupancyMIoU
-from bevkit.models.build import build_model
 from bevkit.models.map_prior import MapPriorMemory
 
 CHECKPOINT_SCHEMA = 1
@@ -99,7 +99,7 @@ class BEVLitModule(L.LightningModule):
     def __init__(self, cfg: ExperimentConfig, eval_split: str | None = None, collect_results: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.model = build_model(cfg.model)
+        self.model = build_experiment_model(cfg)
         self.eval_split = eval_split or cfg.data.val_split
         self.collect_results = collect_results
         self.ema: dict[str, Tensor] | None = None
