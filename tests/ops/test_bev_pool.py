@@ -56,6 +56,13 @@ def test_cell_index_hand_computed():
     ]).view(1, 1, 6, 1, 1, 3)
     got = bev_cell_index(pts, SMALL).view(-1).tolist()
     assert got == [0, 11 * 8 + 7, -1, 6 * 8 + 4, -1, -1]
+    # Non-finite and far-away coordinates are outside, whichever axis carries them.
+    odd = torch.tensor([
+        [float("nan"), 0.0, 0.0], [0.0, float("nan"), 0.0], [0.0, 0.0, float("nan")],
+        [float("inf"), 0.0, 0.0], [0.0, float("-inf"), 0.0], [3e38, 0.0, 0.0], [0.0, -3e38, 0.0],
+        [-4.0001, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -2.0],
+    ]).view(1, 1, 10, 1, 1, 3)
+    assert bev_cell_index(odd, SMALL).view(-1).tolist() == [-1] * 9 + [6 * 8 + 4]
     assert (SMALL.ny, SMALL.nx, SMALL.nz) == (12, 8, 1)
 
 
@@ -99,6 +106,23 @@ def test_fast_and_exportable_match_reference(case, frustum, assert_rel):
             assert_rel(g, r, tol)
 
 
+def test_large_grid_and_batch_use_wide_sort_keys(assert_rel):
+    # 200 x 200 cells per sample is past the 16-bit sort keys; three samples offset their rows.
+    grid = BEVGridSpec(xbound=(-10.0, 10.0, 0.1), ybound=(-10.0, 10.0, 0.1), zbound=(-2.0, 2.0, 4.0))
+    points = _random_points(3, 2, 6, 3, 5, spread=6.0)
+    depth, feats = _inputs(3, 2, 6, 3, 5, c=4)
+    plan = bev_pool_plan(points, grid)
+    assert grid.ny * grid.nx >= 2**15 and plan.num_entries > 100
+    dp, ft = depth.clone().requires_grad_(), feats.clone().requires_grad_()
+    rp, rf = depth.clone().requires_grad_(), feats.clone().requires_grad_()
+    out, ref = bev_pool(dp, ft, plan), bev_pool_reference(rp, rf, points, grid)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad)
+    ref.backward(grad)
+    for got, want in ((out.detach(), ref.detach()), (dp.grad, rp.grad), (ft.grad, rf.grad)):
+        assert_rel(got, want, 1e-5)
+
+
 def test_plan_is_reused_across_calls(frustum, assert_rel):
     points = frustum(depth_bins=8, feat_hw=(4, 12)).float().unsqueeze(0)
     plan = bev_pool_plan(points, GRID)
@@ -112,6 +136,9 @@ def test_plan_shape_mismatch_is_refused():
     depth, feats = _inputs(1, 2, 5, 4, 7, c=3)
     with pytest.raises(ValueError, match="plan was built"):
         bev_pool(depth, feats, plan)
+    depth, feats = _inputs(1, 2, 5, 4, 6, c=3)
+    with pytest.raises(ValueError, match="same dtype"):
+        bev_pool(depth, feats.double(), plan)
 
 
 def test_fast_float32_against_float64_reference(frustum, assert_rel):

@@ -65,20 +65,18 @@ class BEVPoolPlan:
     it is built once per calibration (or once per augmentation step) and reused.
 
     Frustum points are enumerated pixel-major, ``(b, n, h, w, d)`` with d fastest,
-    which makes ``A.T`` (rows = pixels, D entries each) a CSR matrix for free.
+    which makes ``A.T`` (rows = pixels, D entries each) a compressed-row matrix for free.
 
     Fields (P = B*N*H*W*D frustum points, K = those inside the grid):
-        cell_t (P,): BEV row ``b*Y*X + iy*X + ix`` of each point (0 where outside).
-        inside_t (P,) bool: the point lies inside the grid.
-        order (K,): pixel-major positions of the inside points, stably sorted by cell.
-        col (K,): pixel (column of ``A``) of each sorted entry, ``order // D``.
-        crow (B*Y*X + 1,): row pointers of ``A``.
+        cell_t (P,) int32: BEV row ``b*Y*X + iy*X + ix`` of each point, -1 outside the grid.
+        order (K,) int32: pixel-major positions of the inside points, stably sorted by row.
+        col (K,) int32: pixel (column of ``A``) of each sorted entry, ``order // D``.
+        crow (B*Y*X + 1,) int32: row pointers of ``A``.
         shape: ``(B, N, D, H, W)`` of the depth tensor the plan was built for.
         grid_shape: ``(Y, X)``.
     """
 
     cell_t: Tensor
-    inside_t: Tensor
     order: Tensor
     col: Tensor
     crow: Tensor
@@ -99,29 +97,40 @@ def bev_cell_index(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
     Shapes:
         points_ego: (B, N, D, H, W, 3)   returns: (B, N, D, H, W) int64
     """
-    ix, iy, valid = _cell_coords(points_ego, grid)
-    cell = iy.long() * grid.nx + ix.long()
-    return torch.where(valid, cell, torch.full_like(cell, -1))
+    return _flat_cells(points_ego, grid).long()
 
 
-def _cell_coords(points_ego: Tensor, grid: BEVGridSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Integer-valued float (ix, iy) and the in-grid mask, element-wise over any leading shape."""
-    coords = []
-    valid = None
+def _flat_cells(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
+    """int32 ``iy * X + ix`` (or -1 outside the grid) element-wise over any leading shape.
+
+    A point is in cell ``floor((p - lo) / step)`` per axis. The bounds test is done in
+    int32 without comparisons: each index is clamped to [-1, size] (NaN to -1), so
+    ``i | (size - 1 - i)`` has its sign bit set exactly when ``i`` is outside
+    ``[0, size)``; an arithmetic shift turns the sign into an all-ones mask.
+    """
+    if grid.ny * grid.nx >= 2**31:
+        raise ValueError("BEV grid too large for int32 cell indices")
+    outside = None
+    index = []
     bounds = (grid.xbound, grid.ybound, grid.zbound)
     for axis, ((lo, _, step), size) in enumerate(zip(bounds, (grid.nx, grid.ny, grid.nz))):
-        i = (points_ego[..., axis] - lo).div_(step).floor_()  # one allocation per axis
-        valid = i >= 0 if valid is None else valid.logical_and_(i >= 0)
-        valid.logical_and_(i < size)
-        coords.append(i)
-    return coords[0], coords[1], valid
+        q = torch.sub(points_ego[..., axis], lo).div_(step).floor_()  # exact: the documented binning
+        i = q.nan_to_num_(nan=-1.0).clamp_(-1, size).to(torch.int32)
+        del q
+        bad = torch.rsub(i, size - 1).bitwise_or_(i)  # negative iff i == -1 or i == size
+        outside = bad if outside is None else outside.bitwise_or_(bad)
+        index.append(i)
+    ix, iy, _ = index
+    return iy.mul_(grid.nx).add_(ix).bitwise_or_(outside.bitwise_right_shift_(31))
 
 
 def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
     """Build the compressed-row pooling layout from frustum points in the ego frame.
 
-    Cost: one element-wise pass over the points and one stable integer sort by
-    cell; reuse the plan while the geometry is unchanged.
+    Cost: one element-wise pass over the points and one stable integer sort of the
+    cell keys (16-bit, per batch sample, when a sample's grid has fewer than 2^15
+    cells, which halves the radix passes); reuse the plan while the geometry is
+    unchanged.
 
     Frames: ``points_ego`` are frustum points in the ego frame; rows of the plan are
     BEV cells of ``grid`` (cell ``(iy, ix)``, X along ego forward).
@@ -133,27 +142,36 @@ def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
         raise ValueError(f"points_ego must be (B, N, D, H, W, 3), got {tuple(points_ego.shape)}")
     b, n, d, h, w, _ = points_ego.shape
     ny, nx = grid.ny, grid.nx
-    num_rows = b * ny * nx
-    if max(b * n * d * h * w, num_rows + 1) >= 2**31 - 1:
+    cells = ny * nx
+    num_rows = b * cells
+    per_sample = n * h * w * d
+    if max(b * per_sample, num_rows + 1) >= 2**31 - 1:
         raise ValueError("bev_pool_plan: problem too large for int32 indices")
-    pix = points_ego.permute(0, 1, 3, 4, 2, 5)  # (B, N, H, W, D, 3), pixel-major view
-    ix, iy, inside = _cell_coords(pix, grid)  # (B, N, H, W, D)
-    if ix.dtype != torch.float64 and num_rows >= 2**24:  # keep the row arithmetic exact
-        ix, iy = ix.double(), iy.double()
-    batch_rows = torch.arange(b, device=points_ego.device, dtype=ix.dtype).view(b, 1, 1, 1, 1)
-    rows = iy.add_(batch_rows * ny).mul_(nx).add_(ix)  # in place: b*Y*X + iy*X + ix
-    del ix
-    # Outside points get the key num_rows, so a sort puts them after every real row.
-    key = rows.masked_fill_(~inside, num_rows).to(torch.int32).reshape(-1)
-    del rows
-    counts = torch.bincount(key, minlength=num_rows + 1)  # (B*Y*X + 1,)
-    crow = torch.zeros(num_rows + 1, dtype=torch.int32, device=key.device)
-    torch.cumsum(counts[:num_rows], 0, out=crow[1:])
-    num_inside = int(crow[-1])
-    order = torch.sort(key, stable=True)[1][:num_inside].to(torch.int32)
+    device = points_ego.device
+    cell_t = torch.empty(b, n, h, w, d, dtype=torch.int32, device=device)  # pixel-major
+    counts = torch.empty(num_rows, dtype=torch.int64, device=device)
+    orders = []
+    narrow = cells < 2**15 - 1
+    # One sample at a time: the temporaries stay around one sample's size (cache-resident,
+    # and reused by the allocator instead of being faulted in afresh).
+    for k in range(b):
+        key = cell_t[k]
+        key.copy_(_flat_cells(points_ego[k], grid).permute(0, 2, 3, 1))  # (N, H, W, D), -1 outside
+        key = key.view(-1)
+        hist = torch.bincount(key + 1, minlength=cells + 1)  # outside count, then one per cell
+        counts[k * cells:(k + 1) * cells] = hist[1:]
+        # Outside points have key -1, so the sort puts them first, before every real row.
+        order = torch.sort(key.to(torch.int16) if narrow else key, stable=True)[1]
+        order = order[int(hist[0]):].to(torch.int32)
+        orders.append(order.add_(k * per_sample) if k else order)
+        if k:  # global row b*Y*X + iy*X + ix for inside points; -1 stays -1
+            outside = key.bitwise_right_shift(31)  # -1 (all ones) outside, 0 inside
+            key.add_(k * cells).bitwise_or_(outside)
+    crow = torch.zeros(num_rows + 1, dtype=torch.int32, device=device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    order = orders[0] if b == 1 else torch.cat(orders)
     return BEVPoolPlan(
-        cell_t=key.masked_fill(~inside.reshape(-1), 0),
-        inside_t=inside.reshape(-1),
+        cell_t=cell_t.view(-1),
         order=order,
         col=torch.div(order, d, rounding_mode="floor"),
         crow=crow,
@@ -168,18 +186,28 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+def _spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+    """Compressed-row sparse (R, M) times dense (M, C) -> (R, C).
+
+    Computed as a weighted ``embedding_bag`` sum (one bag per row, the row's stored
+    entries as indices and per-sample weights), which is 2-3x faster on CPU than the
+    CSR ``mm`` for this shape and works unchanged on CUDA.
+    """
+    return torch.nn.functional.embedding_bag(col, dense, crow, mode="sum", per_sample_weights=values,
+                                             include_last_offset=True)
+
+
 class _BEVPoolCSR(torch.autograd.Function):
     """out = A @ F; backward dF = A.T @ dout and dA = (F @ dout.T) sampled on A.T's pattern."""
 
     @staticmethod
     def forward(ctx, depth_t, feat_rows, plan, num_rows):
         # depth_t: (P,) pixel-major depth; feat_rows: (B*N*H*W, C)
-        values = depth_t[plan.order]  # (K,)
-        a = _csr(plan.crow, plan.col, values, (num_rows, feat_rows.shape[0]))
+        values = depth_t.index_select(0, plan.order)  # (K,)
         ctx.save_for_backward(depth_t, feat_rows)
         ctx.plan = plan
         ctx.num_rows = num_rows
-        return a @ feat_rows  # (B*Y*X, C)
+        return _spmm(plan.crow, plan.col, values, feat_rows)  # (B*Y*X, C)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -189,15 +217,16 @@ class _BEVPoolCSR(torch.autograd.Function):
         d = plan.shape[2]
         grad_out = grad_out.contiguous()
         crow_t = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_t.device)
+        inside = plan.cell_t >= 0
+        cols = plan.cell_t.clamp(min=0)  # outside points: any valid column, weight zero
         grad_depth = grad_feat = None
         if ctx.needs_input_grad[1]:
-            a_t = _csr(crow_t, plan.cell_t, depth_t * plan.inside_t, (num_pix, num_rows))
-            grad_feat = a_t @ grad_out  # (B*N*H*W, C)
+            grad_feat = _spmm(crow_t, cols, depth_t * inside, grad_out)  # (B*N*H*W, C)
         if ctx.needs_input_grad[0]:
-            pattern = _csr(crow_t, plan.cell_t, torch.zeros_like(depth_t), (num_pix, num_rows))
+            pattern = _csr(crow_t, cols, torch.zeros_like(depth_t), (num_pix, num_rows))
             # Entry (pixel, cell) of F @ dout.T: the pixel's feature dotted with the cell's grad.
             dots = torch.sparse.sampled_addmm(pattern, feat_rows, grad_out.t(), beta=0.0)
-            grad_depth = dots.values() * plan.inside_t
+            grad_depth = dots.values() * inside
         return grad_depth, grad_feat, None, None
 
 
@@ -217,6 +246,8 @@ def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
         depth: (B, N, D, H, W)   feats: (B, N, C, H, W)   returns: (B, C, Y, X)
     """
     b, n, d, h, w = _check(depth, feats, plan.shape)
+    if depth.dtype != feats.dtype:
+        raise ValueError(f"depth and feats must have the same dtype, got {depth.dtype} and {feats.dtype}")
     c = feats.shape[2]
     ny, nx = plan.grid_shape
     feat_rows = feats.permute(0, 1, 3, 4, 2).reshape(b * n * h * w, c)  # (B*N*H*W, C)
