@@ -203,11 +203,12 @@ class _BEVPoolCSR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, depth_t, feat_rows, plan, num_rows):
         # depth_t: (P,) pixel-major depth; feat_rows: (B*N*H*W, C)
-        values = depth_t.index_select(0, plan.order)  # (K,)
+        values = depth_t.detach().index_select(0, plan.order)  # (K,)
         ctx.save_for_backward(depth_t, feat_rows)
         ctx.plan = plan
         ctx.num_rows = num_rows
-        return _spmm(plan.crow, plan.col, values, feat_rows)  # (B*Y*X, C)
+        # Detached: embedding_bag then takes its forward-only path (no backward buffers).
+        return _spmm(plan.crow, plan.col, values, feat_rows.detach())  # (B*Y*X, C)
 
     @staticmethod
     def backward(ctx, grad_out):
