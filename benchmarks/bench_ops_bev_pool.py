@@ -5,8 +5,8 @@ to cell indices, plus the CSR plan for the fast path), because under augmentatio
 geometry changes every step. Default-allocator timing runs in this process: median wall (and
 CPU) time of repeats, the variants interleaved so that load from other processes hits all
 alike; peak
-memory runs each variant once in a fresh subprocess and reports the growth of the
-resident set (VmHWM after resetting it, minus VmRSS before the call). The timing is
+memory runs each variant in fresh subprocesses (median of ``--memory-runs``) and reports the
+growth of the resident set (VmHWM after resetting it, minus VmRSS before the call). The timing is
 repeated with a glibc that keeps freed memory (mmap disabled, no trimming, 1 GiB top pad),
 which removes the page-fault cost of fresh large allocations; there each variant runs alone
 in a fresh process (warm-up, then repeats).
@@ -207,6 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per peak-memory figure")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -226,7 +227,11 @@ def main() -> None:
     for batch in args.batches:
         for name in ("fast", "index_add", "cumsum", "exportable"):
             for mode in ("fwd", "fwd_bwd"):
-                memory[f"b{batch}/{name}/{mode}"] = _spawn(f"{batch}:{name}:{mode}", args)
+                # The growth of a small call varies with the heap a fresh process starts with
+                # (e.g. 6-7 or 15 MiB for the batch-1 fast forward), so take the median of runs.
+                runs = sorted(_spawn(f"{batch}:{name}:{mode}", args)["peak_delta_mib"]
+                              for _ in range(args.memory_runs))
+                memory[f"b{batch}/{name}/{mode}"] = {"peak_delta_mib": runs[len(runs) // 2], "runs_mib": runs}
     ratios = {}
     for alloc, block in timing.items():
         for batch in args.batches:

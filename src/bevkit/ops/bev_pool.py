@@ -119,8 +119,10 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
         del q
         bad = torch.rsub(i, size - 1).bitwise_or_(i)  # negative iff i == -1 or i == size
         outside = bad if outside is None else outside.bitwise_or_(bad)
-        index.append(i)
-    ix, iy, _ = index
+        if axis < 2:  # z only decides inside / outside
+            index.append(i)
+        del i, bad
+    ix, iy = index
     return iy.mul_(grid.nx).add_(ix).bitwise_or_(outside.bitwise_right_shift_(31))
 
 
