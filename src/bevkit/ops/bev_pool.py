@@ -200,7 +200,7 @@ def _spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor) -> Tensor:
 
 
 class _BEVPoolCSR(torch.autograd.Function):
-    """out = A @ F; backward dF = A.T @ dout and dA = (F @ dout.T) sampled on A.T's pattern."""
+    """out = A @ F; backward dF = A.T @ dout and dA = (dout @ F.T) sampled on A's pattern."""
 
     @staticmethod
     def forward(ctx, depth_t, feat_rows, plan, num_rows):
@@ -219,17 +219,22 @@ class _BEVPoolCSR(torch.autograd.Function):
         num_pix = feat_rows.shape[0]
         d = plan.shape[2]
         grad_out = grad_out.contiguous()
-        crow_t = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_t.device)
-        inside = plan.cell_t >= 0
-        cols = plan.cell_t.clamp(min=0)  # outside points: any valid column, weight zero
         grad_depth = grad_feat = None
-        if ctx.needs_input_grad[1]:
-            grad_feat = _spmm(crow_t, cols, depth_t * inside, grad_out)  # (B*N*H*W, C)
         if ctx.needs_input_grad[0]:
-            pattern = _csr(crow_t, cols, torch.zeros_like(depth_t), (num_pix, num_rows))
-            # Entry (pixel, cell) of F @ dout.T: the pixel's feature dotted with the cell's grad.
-            dots = torch.sparse.sampled_addmm(pattern, feat_rows, grad_out.t(), beta=0.0)
-            grad_depth = dots.values() * inside
+            # Entry (cell, pixel) of dout @ F.T on A's own pattern (inside points only): the
+            # cell's gradient dotted with the pixel's feature, scattered back to its point.
+            pattern = _csr(plan.crow, plan.col, depth_t.new_zeros(plan.col.numel()), (num_rows, num_pix))
+            dots = torch.sparse.sampled_addmm(pattern, grad_out, feat_rows.t(), beta=0.0).values()
+            del pattern
+            grad_depth = depth_t.new_zeros(depth_t.shape)
+            grad_depth[plan.order] = dots
+            del dots
+        if ctx.needs_input_grad[1]:
+            # dF = A.T @ dout, with A.T's rows the pixels (D entries each, outside ones weighted 0).
+            crow_t = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_t.device)
+            outside = plan.cell_t < 0
+            weights = depth_t.masked_fill(outside, 0.0)
+            grad_feat = _spmm(crow_t, plan.cell_t.masked_fill(outside, 0), weights, grad_out)  # (B*N*H*W, C)
         return grad_depth, grad_feat, None, None
 
 
