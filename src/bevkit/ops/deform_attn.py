@@ -153,7 +153,8 @@ class _DeformAttnCSR(torch.autograd.Function):
         b, s, m, dh = value.shape
         q = loc.shape[1]
         starts = _starts(shapes)
-        v_rows = value.view(b * s * m, dh)  # row (b, s, head)
+        # Detached, so that embedding_bag takes its forward-only path (no backward buffers).
+        v_rows = value.detach().view(b * s * m, dh)  # row (b, s, head)
         loc_rows = loc.view(b * q, *loc.shape[2:])  # (B*Q, heads, L, P, 2)
         attn_rows = attn.view(b * q, *attn.shape[2:])
         out = value.new_empty(b * q * m, dh)  # row (b, q, head)
@@ -162,9 +163,9 @@ class _DeformAttnCSR(torch.autograd.Function):
             loc_t, attn_t = _chunk_layout(loc_rows[r0:r1], attn_rows[r0:r1])
             col, wts = _corners(loc_t, attn_t, _factors(loc_t, shapes), shapes, starts, s, q, r0)
             n_rows = (r1 - r0) * m
-            a = _csr(_row_pointers(n_rows, col[0, 0].numel(), col.device),
-                     col.view(-1), wts.view(-1), (n_rows, b * s * m))
-            torch.mm(a, v_rows, out=out[r0 * m:r1 * m])
+            # out rows = A @ V, each row a weighted bag of its L*4*P corner rows.
+            out[r0 * m:r1 * m] = F.embedding_bag(col.view(n_rows, -1), v_rows, mode="sum",
+                                                 per_sample_weights=wts.view(n_rows, -1))
         ctx.save_for_backward(value, loc, attn)
         ctx.shapes, ctx.chunk = shapes, chunk
         return out.view(b, q, m * dh)
@@ -200,7 +201,7 @@ class _DeformAttnCSR(torch.autograd.Function):
                               rounding_mode="floor")
             base = (batch * s).view(r, 1, 1) * m + head.view(1, m, 1)  # (R, heads, 1): row of s = 0
             b_first, b_last = r0 // q, (r1 - 1) // q
-            pattern_rows = _row_pointers(n_rows, num_points, value.device)
+            pattern_rows = _row_pointers(n_rows, 4 * num_points, value.device)
             dots = []  # per level: (4 corners, R, heads, P) of <grad_out row, value row>
             for level, (h, w) in enumerate(shapes):
                 _, (wx0, wx1, wy0, wy1), _, (x0, y0) = factors[level]
@@ -209,6 +210,7 @@ class _DeformAttnCSR(torch.autograd.Function):
                 top_left = y0.clamp(-1, h - 1) * w + x0.clamp(-1, w - 1)  # (R, heads, P)
                 key = (top_left.to(torch.int32) + starts[level]) * m + base
                 shifts = (0, m, w * m, (w + 1) * m)
+                shift_t = torch.tensor(shifts, dtype=torch.int32, device=value.device).view(4, 1)
                 if need_v:
                     # dV += A.T @ g. A.T in CSR needs the samples sorted by the value row they
                     # read: one sort of the top-left rows serves all four corners, each
@@ -221,21 +223,18 @@ class _DeformAttnCSR(torch.autograd.Function):
                     rows_t = torch.div(order, num_points, rounding_mode="floor").to(torch.int32)
                     a = attn_t[level]
                     for shift, wy, wx in zip(shifts, (wy0, wy0, wy1, wy1), (wx0, wx1, wx0, wx1)):
-                        vals = (a * wy * wx).view(-1)[order]
+                        vals = (a * wy * wx).view(-1).index_select(0, order)
                         a_t = _csr(crow_t, rows_t, vals, (n_keys, n_rows))
                         start_row = pad + lo + shift
                         grad_full[start_row:start_row + n_keys].addmm_(a_t, g)
                     del sorted_key, order, crow_t, rows_t
                 if need_loc or need_attn:
-                    # One dot per sample and corner, on A's pattern (P entries per row and corner).
+                    # One dot per sample and corner, on A's pattern (4*P entries per row, corner-major).
                     # Off-map corners read a clamped row; their dots are multiplied by 0 below.
-                    level_dots = torch.empty(4, r, m, num_points, device=value.device, dtype=value.dtype)
-                    for corner, shift in enumerate(shifts):
-                        col = (key + shift).clamp_(0, n_values - 1).view(-1)
-                        pattern = _csr(pattern_rows, col, g.new_zeros(col.numel()), (n_rows, n_values))
-                        level_dots[corner] = torch.sparse.sampled_addmm(
-                            pattern, g, v_rows.t(), beta=0.0).values().view(r, m, num_points)
-                    dots.append(level_dots)
+                    col = (key.unsqueeze(-2) + shift_t).clamp_(0, n_values - 1).view(-1)  # (R, heads, 4, P)
+                    pattern = _csr(pattern_rows, col, g.new_zeros(col.numel()), (n_rows, n_values))
+                    level_dots = torch.sparse.sampled_addmm(pattern, g, v_rows.t(), beta=0.0).values()
+                    dots.append(level_dots.view(r, m, 4, num_points).unbind(2))
             if not (need_loc or need_attn):
                 continue
             g_attn = torch.empty_like(attn_t)  # (L, R, heads, P)
