@@ -35,7 +35,7 @@ def _gc_paused():
 
     Parsing creates hundreds of thousands of dicts and lists, none of them garbage and none in
     a cycle, yet each allocation burst triggers collections that traverse them all again: on
-    the synthetic mini, pausing the collector takes the cold build from about 0.30 to 0.18 s.
+    the synthetic mini, pausing the collector takes the cold build from about 0.30 to 0.2 s.
     The previous state is restored, and nothing is collected that would not be later.
     """
     enabled = gc.isenabled()
