@@ -13,7 +13,7 @@ from bevkit.data.augment import BEVAugConfig, ImageAugConfig, image_aug_matrix, 
 from bevkit.data.check import check_dataset
 from bevkit.data.dataset import DataConfig, NuScenesDataset, collate
 from bevkit.data.maps import MAP_CLASSES
-from bevkit.data.nuscenes import NuScenesIndex
+from bevkit.data.nuscenes import DataError, NuScenesIndex
 from bevkit.data.synth import render
 from bevkit.geometry import apply, inverse, project
 from bevkit.geometry.grid import BEVGrid
@@ -29,7 +29,7 @@ def test_index_is_cached_and_rebuilt_when_stale(tiny_root, tmp_path):
     shutil.copytree(tiny_root, data)
     cache = tmp_path / "cache"
     a = NuScenesIndex.load(data, cache_dir=cache)
-    files = list((cache / "index").glob("*.json"))
+    files = list((cache / "index").glob("*.npz"))
     assert len(files) == 1 and not files[0].name.startswith(".")
     stamp = files[0].stat().st_mtime_ns
     b = NuScenesIndex.load(data, cache_dir=cache)
@@ -45,11 +45,43 @@ def test_index_is_cached_and_rebuilt_when_stale(tiny_root, tmp_path):
     k0 = a.sample(tok)["anns"]["token"].index(rows[0]["token"])
     assert c.sample(tok)["anns"]["boxes"][k] != a.sample(tok)["anns"]["boxes"][k0]
     # A foreign or corrupt file under the right name is rebuilt, not trusted.
-    path = cache / "index" / f"v1.0-mini-{c.identity}.json"
-    path.write_text(json.dumps({"schema": 999, "identity": c.identity, "scenes": {}, "samples": []}))
+    path = cache / "index" / f"v1.0-mini-{c.identity}.npz"
+    header = json.dumps({"schema": 999, "identity": c.identity}).encode()
+    with open(path, "wb") as f:
+        np.savez(f, header=np.frombuffer(header, dtype=np.uint8))
     assert len(NuScenesIndex.load(data, cache_dir=cache).samples) == 12
-    path.write_text("{not json")
+    path.write_text("{not an npz")
     assert len(NuScenesIndex.load(data, cache_dir=cache).samples) == 12
+    with open(path, "wb") as f:  # the right header, arrays missing
+        np.savez(f, header=np.frombuffer(json.dumps({"schema": 2, "identity": c.identity}).encode(), dtype=np.uint8))
+    assert len(NuScenesIndex.load(data, cache_dir=cache).samples) == 12
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["sample_data"][3].update(ego_pose_token="f" * 32), f"ego_pose.json: no record with token {'f' * 32!r}"),
+    (lambda t: t["sample_annotation"][5].update(translation=[1.0, 2.0]),
+     "sample_annotation.json: Expected `array` of length 3 - at `$[5].translation`"),
+    (lambda t: t["sample"][0].update(timestamp="soon"), "sample.json: Expected `int`, got `str` - at `$[0].timestamp`"),
+    (lambda t: t["instance"][2].update(category_token="nope"), "category.json: no record with token 'nope'"),
+])
+def test_index_build_names_bad_records(tiny_root, tmp_path, edit, message):
+    """A dangling token or a mistyped field stops the build with the file, record and field."""
+    shutil.copytree(tiny_root / "v1.0-mini", tmp_path / "v1.0-mini")
+    tables = {}
+    for name in ("sample_data", "sample_annotation", "sample", "instance"):
+        tables[name] = json.loads((tmp_path / "v1.0-mini" / f"{name}.json").read_text())
+    edit(tables)
+    for name, rows in tables.items():
+        (tmp_path / "v1.0-mini" / f"{name}.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError) as e:
+        NuScenesIndex.load(tmp_path, cache_dir=tmp_path / "cache")
+    assert message in str(e.value)
+    for name in tables:
+        shutil.copy(tiny_root / "v1.0-mini" / f"{name}.json", tmp_path / "v1.0-mini" / f"{name}.json")
+    assert len(NuScenesIndex.load(tmp_path, cache_dir=tmp_path / "cache").samples) == 12
+    (tmp_path / "v1.0-mini" / "scene.json").write_text("[{")
+    with pytest.raises(DataError, match="scene.json: not valid JSON"):
+        NuScenesIndex.load(tmp_path, cache_dir=tmp_path / "cache")
 
 
 def test_splits(index):

@@ -13,15 +13,18 @@ import gc
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Sequence
 from importlib import resources
+from itertools import chain, repeat
+from operator import attrgetter
 from pathlib import Path
 
+import msgspec
 import numpy as np
+import orjson
 
 from bevkit.geometry import inverse, make_transform, quat_to_matrix
-
-import orjson
 
 
 def _loads(data: bytes):
@@ -31,12 +34,12 @@ def _loads(data: bytes):
 
 @contextlib.contextmanager
 def _gc_paused():
-    """Pause Python's cyclic garbage collector while tables are parsed and indexed.
+    """Pause Python's cyclic garbage collector while tables are decoded and indexed.
 
-    Parsing creates hundreds of thousands of dicts and lists, none of them garbage and none in
-    a cycle, yet each allocation burst triggers collections that traverse them all again: on
-    the synthetic mini, pausing the collector takes the cold build from about 0.30 to 0.2 s.
-    The previous state is restored, and nothing is collected that would not be later.
+    Decoding creates hundreds of thousands of objects, none of them garbage and none in a cycle,
+    yet each allocation burst triggers collections that traverse the tracked ones (lists, dicts)
+    again and again: with orjson dicts this took the cold build from about 0.30 to 0.22 s. The
+    previous state is restored, and nothing is collected that would not be later.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -202,7 +205,7 @@ def box_corners(box) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- the index
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2
 MAX_SWEEPS = 10
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 
@@ -256,22 +259,125 @@ def split_scenes(root, version: str, split: str) -> list[str]:
                     f"{', '.join(sorted(set(official) | set(custom)))}")
 
 
-def _velocities(anns: list, index_of: dict, sample_time: np.ndarray, ann_sample: np.ndarray,
-                trans: np.ndarray, max_dt: float = 1.5) -> np.ndarray:
-    """Global velocities of all annotations at once, as the devkit's ``box_velocity`` defines them."""
-    n = len(anns)
-    prev = np.array([index_of.get(a["prev"], -1) if a["prev"] else -1 for a in anns], dtype=np.int64)
-    nxt = np.array([index_of.get(a["next"], -1) if a["next"] else -1 for a in anns], dtype=np.int64)
-    me = np.arange(n)
-    first = np.where(prev >= 0, prev, me)
-    last = np.where(nxt >= 0, nxt, me)
-    dt = (sample_time[ann_sample[last]] - sample_time[ann_sample[first]]) * 1e-6
-    limit = np.where((prev >= 0) & (nxt >= 0), 2 * max_dt, max_dt)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vel = (trans[last] - trans[first]) / dt[:, None]
-    bad = ((prev < 0) & (nxt < 0)) | (dt > limit)
-    vel[bad] = np.nan
-    return vel
+# The records the index reads, as typed structs: decoding straight into them skips the dict of
+# every record and the fields the index does not use, validates types and lengths on the way (a
+# bad record is reported with its position and field), and the structs are not tracked by the
+# cyclic garbage collector.
+class _Sample(msgspec.Struct, gc=False):
+    token: str
+    scene_token: str
+    timestamp: int
+    prev: str | None = ""
+    next: str | None = ""
+
+
+class _SampleData(msgspec.Struct, gc=False):
+    token: str
+    sample_token: str
+    ego_pose_token: str
+    calibrated_sensor_token: str
+    timestamp: int
+    filename: str
+    is_key_frame: bool
+    prev: str | None = ""
+    width: int | None = 0
+    height: int | None = 0
+
+
+class _Pose(msgspec.Struct, gc=False):
+    token: str
+    rotation: tuple[float, float, float, float]
+    translation: tuple[float, float, float]
+
+
+class _Calibration(msgspec.Struct, gc=False):
+    token: str
+    sensor_token: str
+    rotation: tuple[float, float, float, float]
+    translation: tuple[float, float, float]
+    camera_intrinsic: list[list[float]] | None = None
+
+
+class _Annotation(msgspec.Struct, gc=False):
+    token: str
+    sample_token: str
+    instance_token: str
+    attribute_tokens: list[str]
+    translation: tuple[float, float, float]
+    size: tuple[float, float, float]
+    rotation: tuple[float, float, float, float]
+    num_lidar_pts: int
+    visibility_token: str | None = ""
+    prev: str | None = ""
+    next: str | None = ""
+
+
+class _Named(msgspec.Struct, gc=False):  # sensor, category, attribute
+    token: str
+    name: str = ""
+    channel: str = ""
+
+
+class _Instance(msgspec.Struct, gc=False):
+    token: str
+    category_token: str
+
+
+class _Scene(msgspec.Struct, gc=False):
+    token: str
+    name: str
+    log_token: str
+
+
+class _Log(msgspec.Struct, gc=False):
+    token: str
+    location: str
+
+
+_RECORDS = {"sample": _Sample, "sample_data": _SampleData, "ego_pose": _Pose, "calibrated_sensor": _Calibration,
+            "sample_annotation": _Annotation, "sensor": _Named, "category": _Named, "attribute": _Named,
+            "instance": _Instance, "scene": _Scene, "log": _Log}
+_DECODERS = {name: msgspec.json.Decoder(list[kind]) for name, kind in _RECORDS.items()}
+
+
+def _read_records(root: Path, version: str, name: str) -> list:
+    """The records of one table as typed structs; a missing, malformed or mistyped table is a DataError."""
+    path = root / version / f"{name}.json"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: table {name!r} is missing") from None
+    try:
+        return _DECODERS[name].decode(data)
+    except msgspec.ValidationError as e:
+        raise DataError(f"{path}: {e} (table {name!r})") from None
+    except msgspec.DecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+class _Rows:
+    """Token -> row of one table, with lookups that name the table when a token dangles."""
+
+    def __init__(self, path: Path, records: list):
+        self.path = path
+        self.row = {r.token: i for i, r in enumerate(records)}
+
+    def __call__(self, tokens, referrer: str) -> list[int]:
+        row = self.row
+        try:
+            return [row[t] for t in tokens]
+        except KeyError as e:
+            raise DataError(f"{self.path}: no record with token {e.args[0]!r} (referenced by {referrer})") from None
+
+
+def _attr(records: list, name: str):
+    """The field ``name`` of every record, lazily."""
+    return map(attrgetter(name), records)
+
+
+def _column(values, count: int, dtype=np.float64) -> np.ndarray:
+    """A 1-D array of ``count`` values from an iterable, without an intermediate list."""
+    return np.fromiter(values, dtype=dtype, count=count)
 
 
 def _pose_matrices(rows: list) -> np.ndarray:
@@ -283,128 +389,264 @@ def _pose_matrices(rows: list) -> np.ndarray:
     n = len(rows)
     out = np.zeros((n, 4, 4))
     if n:
-        out[:, :3, :3] = quat_to_matrix(np.array([r["rotation"] for r in rows], dtype=np.float64))
-        out[:, :3, 3] = np.array([r["translation"] for r in rows], dtype=np.float64)
+        out[:, :3, :3] = quat_to_matrix(_column(chain.from_iterable(_attr(rows, "rotation")), 4 * n).reshape(n, 4))
+        out[:, :3, 3] = _column(chain.from_iterable(_attr(rows, "translation")), 3 * n).reshape(n, 3)
         out[:, 3, 3] = 1.0
     return out
 
 
-def build_index(tables: NuScenesTables, max_sweeps: int = MAX_SWEEPS) -> dict:
-    """A JSON-ready index of every sample: files, calibration, poses, sweeps and ego-frame boxes.
+def _velocities(prev: np.ndarray, nxt: np.ndarray, time_s: np.ndarray, trans: np.ndarray,
+                max_dt: float = 1.5) -> np.ndarray:
+    """Global velocities of all annotations at once, as the devkit's ``box_velocity`` defines them.
+
+    ``prev`` / ``nxt`` are the rows of the neighbouring annotations (-1: none), ``time_s`` each
+    annotation's sample time in seconds. Shapes: (M,), (M,), (M,), (M, 3) -> (M, 3), NaN if unknown.
+    """
+    me = np.arange(len(prev))
+    first = np.where(prev >= 0, prev, me)
+    last = np.where(nxt >= 0, nxt, me)
+    dt = time_s[last] - time_s[first]
+    limit = np.where((prev >= 0) & (nxt >= 0), 2 * max_dt, max_dt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vel = (trans[last] - trans[first]) / dt[:, None]
+    vel[((prev < 0) & (nxt < 0)) | (dt > limit)] = np.nan
+    return vel
+
+
+SENSOR_LIDAR, SENSOR_SWEEP = 0, len(CAMERAS) + 1  # sensor kinds; camera c of CAMERAS is kind c + 1
+
+
+def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict, dict]:
+    """Read the tables of ``root/version`` and index every sample: files, calibration, poses,
+    sweeps and ego-frame boxes, as (strings, arrays).
 
     Camera poses are expressed relative to the ego pose of the LiDAR keyframe (the camera's own
     ego pose at its timestamp is composed in), so ``ego_from_cam`` is exact on real data where the
-    cameras fire up to tens of milliseconds apart. Everything is computed in batches.
+    cameras fire up to tens of milliseconds apart. Annotation boxes are in the ego frame of their
+    sample's LiDAR keyframe. Everything numeric is computed in batches and kept as arrays:
+
+    strings: ``scenes`` {token: {name, location, samples}}, ``sample_token`` / ``sample_scene`` /
+        ``sample_prev`` / ``sample_next`` (S,), ``sensor_filename`` (K,), ``ann_token`` /
+        ``ann_instance`` / ``ann_visibility`` (M,), ``categories`` / ``attributes`` (vocabularies).
+    arrays: ``sample_timestamp`` (S,), ``global_from_ego`` (S, 4, 4) of the LiDAR keyframe,
+        ``sensor_start`` (S + 1,) row offsets of each sample's sensor records, ``sensor_kind`` (K,)
+        (0 LiDAR keyframe, c + 1 camera ``CAMERAS[c]``, 7 sweep, newest first),
+        ``sensor_timestamp`` (K,), ``sensor_size`` (K, 2) width and height, ``sensor_intrinsics``
+        (K, 3, 3), ``ego_from_sensor`` (K, 4, 4), ``ann_order`` (M,) annotation rows sample by
+        sample with ``ann_start`` (S + 1,) offsets into it, ``ann_boxes`` (M, 9) as (x, y, z, l, w, h, yaw,
+        vx, vy) with NaN velocity when unknown, ``ann_category`` / ``ann_attribute`` (M,) codes
+        into the vocabularies (-1: no attribute), ``ann_num_lidar_pts`` (M,).
     """
-    t = tables
-    sd_index = t.index["sample_data"]
-    samples = t.samples
-    pose_row = {r["token"]: i for i, r in enumerate(t.tables["ego_pose"])}
-    global_from_ego = _pose_matrices(t.tables["ego_pose"])
-    cs_row = {r["token"]: i for i, r in enumerate(t.tables["calibrated_sensor"])}
-    ego_from_sensor = _pose_matrices(t.tables["calibrated_sensor"])
+    root = Path(root)
+    for name in TABLES:
+        if not (root / version / f"{name}.json").is_file():
+            raise DataError(f"{root / version / (name + '.json')}: table {name!r} is missing")
+    t = {name: _read_records(root, version, name) for name in _RECORDS}
+    path = {name: root / version / f"{name}.json" for name in _RECORDS}
+    rows = {name: _Rows(path[name], t[name]) for name in ("ego_pose", "calibrated_sensor", "sensor", "category",
+                                                           "attribute", "instance", "log")}
 
-    # Every sensor record a sample needs: (sample, sample_data, kind) with kind "lidar", a camera
-    # channel, or "sweep".
-    uses = []
-    for i, s in enumerate(samples):
-        lidar = t.keyframe(s, "LIDAR_TOP")
-        uses.append((i, lidar, "lidar"))
-        for ch in CAMERAS:
-            sd = t._sample_data.get((s["token"], ch))
-            if sd is not None:
-                uses.append((i, sd, ch))
-        sd = lidar
-        for _ in range(max_sweeps):
-            sd = sd_index.get(sd["prev"]) if sd["prev"] else None
-            if sd is None:
-                break
-            uses.append((i, sd, "sweep"))
-    key_rows = np.array([pose_row[sd["ego_pose_token"]] for _, sd, kind in uses if kind == "lidar"])
-    ego_from_global_key = inverse(global_from_ego[key_rows])  # (S, 4, 4)
-    u_sample = np.array([i for i, _, _ in uses])
-    u_pose = np.array([pose_row[sd["ego_pose_token"]] for _, sd, _ in uses])
-    u_cs = np.array([cs_row[sd["calibrated_sensor_token"]] for _, sd, _ in uses])
-    # keyframe ego <- global <- sensor's ego at its own time <- sensor
-    key_from_sensor = ego_from_global_key[u_sample] @ global_from_ego[u_pose] @ ego_from_sensor[u_cs]
-    key_from_sensor_list = key_from_sensor.tolist()
-    intrinsics = {r["token"]: r["camera_intrinsic"] for r in t.tables["calibrated_sensor"]}
+    samples = sorted(t["sample"], key=lambda r: (r.scene_token, r.timestamp))
+    sample_pos = {s.token: i for i, s in enumerate(samples)}
+    cs = t["calibrated_sensor"]
+    cs_channel = [t["sensor"][k].channel for k in rows["sensor"]([c.sensor_token for c in cs], "calibrated_sensor")]
+    sd = t["sample_data"]
+    sd_cs = rows["calibrated_sensor"](_attr(sd, "calibrated_sensor_token"), "sample_data")
+    sd_pose = np.array(rows["ego_pose"](_attr(sd, "ego_pose_token"), "sample_data"), dtype=np.int64)
+    sd_row = dict(zip(_attr(sd, "token"), range(len(sd))))
+    keyframe = {(d.sample_token, cs_channel[c]): i for i, (d, c) in enumerate(zip(sd, sd_cs)) if d.is_key_frame}
 
-    scenes = {}
-    for sc in t.tables["scene"]:
-        log = t.get("log", sc["log_token"])
-        scenes[sc["token"]] = {"name": sc["name"], "location": log["location"], "samples": []}
-    g_key = global_from_ego[key_rows].tolist()
-    entries = [{"token": s["token"], "scene_token": s["scene_token"], "timestamp": s["timestamp"], "prev": s["prev"],
-                "next": s["next"], "global_from_ego": g_key[i], "lidar": None, "cams": {}, "sweeps": [],
-                "anns": None} for i, s in enumerate(samples)]
+    # Every sensor record a sample needs, sample by sample: LiDAR keyframe, cameras, sweeps.
+    use, kind, start = [], [], [0]
     for s in samples:
-        scenes[s["scene_token"]]["samples"].append(s["token"])
-    for (i, sd, kind), m in zip(uses, key_from_sensor_list):
-        e = entries[i]
-        if kind == "lidar":
-            e["lidar"] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "ego_from_lidar": m}
-        elif kind == "sweep":
-            e["sweeps"].append({"filename": sd["filename"], "timestamp": sd["timestamp"], "ego_from_sweep": m})
-        else:
-            e["cams"][kind] = {"filename": sd["filename"], "timestamp": sd["timestamp"], "width": sd["width"],
-                               "height": sd["height"], "intrinsics": intrinsics[sd["calibrated_sensor_token"]],
-                               "ego_from_cam": m}
+        j = keyframe.get((s.token, "LIDAR_TOP"))
+        if j is None:
+            raise DataError(f"{path['sample_data']}: sample {s.token} has no LIDAR_TOP keyframe")
+        use.append(j)
+        kind.append(SENSOR_LIDAR)
+        for c, ch in enumerate(CAMERAS, 1):
+            k = keyframe.get((s.token, ch))
+            if k is not None:
+                use.append(k)
+                kind.append(c)
+        for _ in range(max_sweeps):
+            j = sd_row.get(sd[j].prev) if sd[j].prev else None
+            if j is None:
+                break
+            use.append(j)
+            kind.append(SENSOR_SWEEP)
+        start.append(len(use))
+    start = np.array(start, dtype=np.int64)
+    use = np.array(use, dtype=np.int64)
+    use_sample = np.repeat(np.arange(len(samples)), np.diff(start))
 
-    # Annotations, all at once: global boxes -> ego of their sample's LiDAR keyframe.
-    sample_pos = {s["token"]: i for i, s in enumerate(samples)}
-    sample_time = np.array([s["timestamp"] for s in samples], dtype=np.int64)
-    anns = [a for a in t.tables["sample_annotation"] if a["sample_token"] in sample_pos]
+    global_from_ego = _pose_matrices(t["ego_pose"])
+    g_key = global_from_ego[sd_pose[use[start[:-1]]]]  # (S, 4, 4): each sample's LiDAR keyframe pose
+    key_from_global = inverse(g_key)
+    # keyframe ego <- global <- sensor's ego at its own time <- sensor
+    ego_from_sensor = (key_from_global[use_sample] @ global_from_ego[sd_pose[use]]
+                       @ _pose_matrices(cs)[np.array(sd_cs, dtype=np.int64)[use]])
+    intrinsics = np.zeros((len(cs), 3, 3))
+    for i, c in enumerate(cs):
+        if c.camera_intrinsic:
+            intrinsics[i] = np.asarray(c.camera_intrinsic, dtype=np.float64).reshape(3, 3)
+    sensor_timestamp = _column(_attr(sd, "timestamp"), len(sd), np.int64)[use]
+    sensor_size = np.stack([_column((d.width or 0 for d in sd), len(sd), np.int64),
+                            _column((d.height or 0 for d in sd), len(sd), np.int64)], axis=1)[use]
+
+    # Annotations, all at once: global boxes -> ego of their sample's LiDAR keyframe. Columns stay
+    # in table order; ``ann_order`` lists the rows sample by sample. Annotations of samples that
+    # are not in the sample table are left out.
+    anns = t["sample_annotation"]
     n = len(anns)
-    ann_sample = np.array([sample_pos[a["sample_token"]] for a in anns], dtype=np.int64)
-    trans = np.array([a["translation"] for a in anns], dtype=np.float64).reshape(n, 3)
-    size = np.array([a["size"] for a in anns], dtype=np.float64).reshape(n, 3)
-    rot = quat_to_matrix(np.array([a["rotation"] for a in anns], dtype=np.float64).reshape(n, 4))
-    vel = _velocities(anns, {a["token"]: i for i, a in enumerate(anns)}, sample_time, ann_sample, trans)
-    e_from_g = ego_from_global_key[ann_sample]
+    ann_sample = _column(map(sample_pos.get, _attr(anns, "sample_token"), repeat(-1)), n, np.int64)
+    if n and ann_sample.min() < 0:
+        anns = [a for a, k in zip(anns, ann_sample.tolist()) if k >= 0]
+        n = len(anns)
+        ann_sample = ann_sample[ann_sample >= 0]
+    ann_order = np.argsort(ann_sample, kind="stable")
+    ann_start = np.searchsorted(ann_sample[ann_order], np.arange(len(samples) + 1)).astype(np.int64)
+    trans = _column(chain.from_iterable(_attr(anns, "translation")), 3 * n).reshape(n, 3)
+    size = _column(chain.from_iterable(_attr(anns, "size")), 3 * n).reshape(n, 3)
+    w, x, y, z = _column(chain.from_iterable(_attr(anns, "rotation")), 4 * n).reshape(n, 4).T
+    # The box's forward axis, the first column of its rotation matrix (scaled by |q|^2, which
+    # the yaw does not see).
+    forward = np.stack([w * w + x * x - y * y - z * z, 2 * (x * y + w * z), 2 * (x * z - w * y)], axis=1)
+    ann_token = list(_attr(anns, "token"))
+    ann_row = dict(zip(ann_token, range(n)))
+    prev = _column(map(ann_row.get, _attr(anns, "prev"), repeat(-1)), n, np.int64)
+    nxt = _column(map(ann_row.get, _attr(anns, "next"), repeat(-1)), n, np.int64)
+    sample_time = np.array([s.timestamp for s in samples], dtype=np.int64)
+    vel = _velocities(prev, nxt, sample_time[ann_sample] * 1e-6, trans)
+    e_from_g = key_from_global[ann_sample]
     centre = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], trans) + e_from_g[:, :3, 3]
-    r_ego = e_from_g[:, :3, :3] @ rot
-    yaw = np.arctan2(r_ego[:, 1, 0], r_ego[:, 0, 0])
+    f_ego = np.einsum("nij,nj->ni", e_from_g[:, :2, :3], forward)
+    yaw = np.arctan2(f_ego[:, 1], f_ego[:, 0])
     v_ego = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], np.nan_to_num(vel))
     v_ego[np.isnan(vel[:, 0])] = np.nan
-    # NaN velocities (no neighbouring annotation) are written as null.
-    boxes = np.concatenate([centre, size[:, [1, 0, 2]], yaw[:, None], v_ego[:, :2]], axis=1).tolist()
-    cat_of_inst = {i["token"]: t.get("category", i["category_token"])["name"] for i in t.tables["instance"]}
-    attr_name = {a["token"]: a["name"] for a in t.tables["attribute"]}
-    for e in entries:
-        e["anns"] = {"token": [], "category": [], "attribute": [], "instance": [], "num_lidar_pts": [],
-                     "visibility": [], "boxes": []}
-    for k, a in enumerate(anns):
-        d = entries[ann_sample[k]]["anns"]
-        d["token"].append(a["token"])
-        d["category"].append(cat_of_inst[a["instance_token"]])
-        d["attribute"].append(attr_name[a["attribute_tokens"][0]] if a["attribute_tokens"] else "")
-        d["instance"].append(a["instance_token"])
-        d["num_lidar_pts"].append(int(a["num_lidar_pts"]))
-        d["visibility"].append(a["visibility_token"])
-        b = boxes[k]
-        if b[7] != b[7]:  # NaN: unknown velocity, stored as null
-            b[7] = b[8] = None
-        d["boxes"].append(b)
-    return {"scenes": scenes, "samples": entries}
+    boxes = np.concatenate([centre, size[:, [1, 0, 2]], yaw[:, None], v_ego[:, :2]], axis=1).reshape(n, 9)
+    ann_instance = list(_attr(anns, "instance_token"))
+    inst_category = np.array(rows["category"]([i.category_token for i in t["instance"]], "instance"), dtype=np.int64)
+    ann_category = inst_category[np.array(rows["instance"](ann_instance, "sample_annotation"), dtype=np.int64)]
+    attr = rows["attribute"].row
+    try:
+        ann_attribute = _column((attr[a[0]] if a else -1 for a in _attr(anns, "attribute_tokens")), n, np.int64)
+    except KeyError as e:
+        raise DataError(f"{path['attribute']}: no record with token {e.args[0]!r} "
+                        "(referenced by sample_annotation)") from None
+
+    scenes = {}
+    logs = t["log"]
+    for sc, k in zip(t["scene"], rows["log"]([sc.log_token for sc in t["scene"]], "scene")):
+        scenes[sc.token] = {"name": sc.name, "location": logs[k].location, "samples": []}
+    for s in samples:
+        if s.scene_token not in scenes:
+            raise DataError(f"{path['scene']}: no record with token {s.scene_token!r} (referenced by sample)")
+        scenes[s.scene_token]["samples"].append(s.token)
+    strings = {
+        "scenes": scenes,
+        "sample_token": [s.token for s in samples], "sample_scene": [s.scene_token for s in samples],
+        "sample_prev": [s.prev or "" for s in samples], "sample_next": [s.next or "" for s in samples],
+        "sensor_filename": [sd[j].filename for j in use.tolist()],
+        "ann_token": ann_token, "ann_instance": ann_instance,
+        "ann_visibility": [v or "" for v in _attr(anns, "visibility_token")],
+        "categories": [c.name for c in t["category"]], "attributes": [a.name for a in t["attribute"]],
+    }
+    arrays = {
+        "sample_timestamp": sample_time, "global_from_ego": g_key, "sensor_start": start,
+        "sensor_kind": np.array(kind, dtype=np.int64), "sensor_timestamp": sensor_timestamp,
+        "sensor_size": sensor_size, "sensor_intrinsics": intrinsics[np.array(sd_cs, dtype=np.int64)[use]],
+        "ego_from_sensor": ego_from_sensor, "ann_start": ann_start, "ann_boxes": boxes,
+        "ann_order": ann_order, "ann_category": ann_category, "ann_attribute": ann_attribute,
+        "ann_num_lidar_pts": _column(_attr(anns, "num_lidar_pts"), n, np.int64),
+    }
+    return strings, arrays
 
 
-@dataclass
+_STRING_KEYS = ("scenes", "sample_token", "sample_scene", "sample_prev", "sample_next", "sensor_filename", "ann_token",
+                "ann_instance", "ann_visibility", "categories", "attributes")
+_ARRAY_KEYS = ("sample_timestamp", "global_from_ego", "sensor_start", "sensor_kind", "sensor_timestamp",
+               "sensor_size", "sensor_intrinsics", "ego_from_sensor", "ann_start", "ann_order", "ann_boxes",
+               "ann_category", "ann_attribute", "ann_num_lidar_pts")
+
+
+class _Samples(Sequence):
+    """The samples of an index as dicts, each made from the index's arrays when first asked for."""
+
+    def __init__(self, index: "NuScenesIndex"):
+        self._index = index
+        self._made: list[dict | None] = [None] * len(index._strings["sample_token"])
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        d = self._made[i]
+        if d is None:
+            d = self._made[i] = self._index._make_sample(range(len(self))[i])
+        return d
+
+
 class NuScenesIndex:
-    """The index of one version of a dataset, built once and cached as JSON (never pickle).
+    """The index of one version of a dataset, built once and cached as an ``.npz`` of plain arrays
+    (loaded with ``allow_pickle=False``; the strings travel as one JSON document inside it).
 
     A cached index is used only if its schema version and the dataset's identity (a hash of the
-    tables) match; otherwise it is rebuilt.
+    tables) match; otherwise it is rebuilt. ``samples`` are dicts in (scene, time) order::
+
+        token, scene_token, timestamp, prev, next, global_from_ego (4x4, the LiDAR keyframe's),
+        lidar {filename, timestamp, ego_from_lidar}, cams {channel: {filename, timestamp, width,
+        height, intrinsics, ego_from_cam}}, sweeps [{filename, timestamp, ego_from_sweep}] newest
+        first, anns {token, category, attribute, instance, num_lidar_pts, visibility, boxes}
+
+    with boxes (x, y, z, l, w, h, yaw, vx, vy) in the ego frame, velocity None when unknown.
     """
 
-    root: Path
-    version: str
-    identity: str
-    scenes: dict
-    samples: list
+    def __init__(self, root, version: str, identity: str, strings: dict, arrays: dict):
+        self.root = Path(root)
+        self.version = version
+        self.identity = identity
+        self._strings = strings
+        self._arrays = arrays
+        self.scenes: dict = strings["scenes"]
+        self.samples = _Samples(self)
+        self._pos = {tok: i for i, tok in enumerate(strings["sample_token"])}
 
-    def __post_init__(self):
-        self._pos = {s["token"]: i for i, s in enumerate(self.samples)}
+    def _make_sample(self, i: int) -> dict:
+        st, ar = self._strings, self._arrays
+        out = {"token": st["sample_token"][i], "scene_token": st["sample_scene"][i],
+               "timestamp": int(ar["sample_timestamp"][i]), "prev": st["sample_prev"][i],
+               "next": st["sample_next"][i], "global_from_ego": ar["global_from_ego"][i].tolist(),
+               "lidar": None, "cams": {}, "sweeps": []}
+        a, b = int(ar["sensor_start"][i]), int(ar["sensor_start"][i + 1])
+        for k, kind, ts, m in zip(range(a, b), ar["sensor_kind"][a:b].tolist(), ar["sensor_timestamp"][a:b].tolist(),
+                                  ar["ego_from_sensor"][a:b].tolist()):
+            fname = st["sensor_filename"][k]
+            if kind == SENSOR_LIDAR:
+                out["lidar"] = {"filename": fname, "timestamp": ts, "ego_from_lidar": m}
+            elif kind == SENSOR_SWEEP:
+                out["sweeps"].append({"filename": fname, "timestamp": ts, "ego_from_sweep": m})
+            else:
+                w, h = ar["sensor_size"][k].tolist()
+                out["cams"][CAMERAS[kind - 1]] = {"filename": fname, "timestamp": ts, "width": w, "height": h,
+                                                  "intrinsics": ar["sensor_intrinsics"][k].tolist(),
+                                                  "ego_from_cam": m}
+        rows = ar["ann_order"][ar["ann_start"][i]:ar["ann_start"][i + 1]]
+        boxes = ar["ann_boxes"][rows].tolist()
+        for box in boxes:
+            if box[7] != box[7]:  # NaN: unknown velocity, given as None
+                box[7] = box[8] = None
+        cats, attrs = st["categories"], st["attributes"]
+        rows = rows.tolist()
+        out["anns"] = {"token": [st["ann_token"][k] for k in rows],
+                       "category": [cats[c] for c in ar["ann_category"][rows].tolist()],
+                       "attribute": [attrs[c] if c >= 0 else "" for c in ar["ann_attribute"][rows].tolist()],
+                       "instance": [st["ann_instance"][k] for k in rows],
+                       "num_lidar_pts": ar["ann_num_lidar_pts"][rows].tolist(),
+                       "visibility": [st["ann_visibility"][k] for k in rows], "boxes": boxes}
+        return out
 
     def sample(self, token: str) -> dict:
         try:
@@ -415,7 +657,9 @@ class NuScenesIndex:
     def split(self, split: str) -> list[dict]:
         """Samples of a split, in (scene, time) order."""
         names = set(split_scenes(self.root, self.version, split))
-        return [s for s in self.samples if self.scenes[s["scene_token"]]["name"] in names]
+        scenes = self.scenes
+        keep = [i for i, tok in enumerate(self._strings["sample_scene"]) if scenes[tok]["name"] in names]
+        return [self.samples[i] for i in keep]
 
     def location(self, sample: dict) -> str:
         return self.scenes[sample["scene_token"]]["location"]
@@ -424,7 +668,8 @@ class NuScenesIndex:
     def load(cls, root, version: str | None = None, cache_dir=None, rebuild: bool = False) -> "NuScenesIndex":
         """Load the cached index of ``root/version`` or build (and cache) it.
 
-        The cache lives in ``cache_dir``, else ``$BEVKIT_CACHE``, else ``~/.cache/bevkit``.
+        The cache lives in ``cache_dir``, else ``$BEVKIT_CACHE``, else ``~/.cache/bevkit``; the file
+        is written to a temporary name and moved into place, so a reader never sees half of it.
         """
         root = Path(root)
         if not root.is_dir():
@@ -432,20 +677,33 @@ class NuScenesIndex:
         version = version or find_version(root)
         identity = dataset_identity(root, version)
         cache = Path(cache_dir or os.environ.get("BEVKIT_CACHE") or Path.home() / ".cache" / "bevkit") / "index"
-        path = cache / f"{version}-{identity}.json"
+        path = cache / f"{version}-{identity}.npz"
         if path.is_file() and not rebuild:
-            try:
-                with _gc_paused():
-                    data = _loads(path.read_bytes())
-                    if data.get("schema") == INDEX_SCHEMA and data.get("identity") == identity:
-                        return cls(root, version, identity, data["scenes"], data["samples"])
-            except ValueError:
-                pass  # unreadable: rebuilt below
+            loaded = _read_index(path, identity)
+            if loaded is not None:
+                return cls(root, version, identity, *loaded)
         with _gc_paused():
-            built = build_index(NuScenesTables(root, version))
-            payload = {"schema": INDEX_SCHEMA, "identity": identity, "version": version, **built}
+            strings, arrays = build_index(root, version)
+            header = {"schema": INDEX_SCHEMA, "identity": identity, "version": version, **strings}
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(orjson.dumps(payload))
+            with open(tmp, "wb") as f:
+                np.savez(f, header=np.frombuffer(orjson.dumps(header), dtype=np.uint8), **arrays)
             os.replace(tmp, path)
-            return cls(root, version, identity, built["scenes"], built["samples"])
+            return cls(root, version, identity, strings, arrays)
+
+
+def _read_index(path: Path, identity: str) -> tuple[dict, dict] | None:
+    """(strings, arrays) of a cached index, or None if it is unreadable, foreign or of another schema."""
+    try:
+        with _gc_paused(), np.load(path, allow_pickle=False) as z:
+            header = _loads(z["header"].tobytes())
+            if not isinstance(header, dict) or header.get("schema") != INDEX_SCHEMA \
+                    or header.get("identity") != identity:
+                return None
+            if any(k not in header for k in _STRING_KEYS):
+                return None
+            arrays = {k: z[k] for k in _ARRAY_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return header, arrays
