@@ -65,74 +65,71 @@ def deform_attn_reference(
     return out.transpose(1, 2).contiguous()
 
 
-def _level_factors(x: Tensor, y: Tensor, h: int, w: int):
-    """Bilinear factors of one level. x, y: normalised locations (any shape, contiguous).
+class _Levels:
+    """Per-level constants laid out along the (level, point) axis of a chunk, so that every
+    per-sample pass runs over contiguous (rows, L*P) tensors with no level loop and no broadcast
+    over a short inner dimension (which PyTorch's CPU kernels run element by element)."""
 
-    Returns integer corner coordinates clamped into the map ``(ix0, ix1, iy0, iy1)``,
-    per-axis weights with zero padding folded in ``(wx0, wx1, wy0, wy1)``, the
-    in-map masks ``(vx0, vx1, vy0, vy1)`` as 0/1 floats and the floors ``(x0, y0)``.
+    def __init__(self, shapes: list[tuple[int, int]], num_points: int, m: int, like: Tensor):
+        def along(vals, dtype):
+            return torch.tensor(vals, dtype=dtype, device=like.device).repeat_interleave(num_points)
+
+        hs, ws = [h for h, _ in shapes], [w for _, w in shapes]
+        starts = _starts(shapes)
+        self.w = along(ws, like.dtype)
+        self.h = along(hs, like.dtype)
+        self.w_last = along([w - 1 for w in ws], like.dtype)
+        self.h_last = along([h - 1 for h in hs], like.dtype)
+        self.w_2nd = along([w - 2 for w in ws], like.dtype)
+        self.h_2nd = along([h - 2 for h in hs], like.dtype)
+        self.zero = torch.zeros_like(self.w)
+        self.minus_one = torch.full_like(self.w, -1.0)
+        self.one = torch.ones_like(self.w)
+        self.minus_half = torch.full_like(self.w, -0.5)
+        self.row_step = along([w * m for w in ws], torch.int32)  # value rows per map row
+        self.start = along([st * m for st in starts], torch.int32)  # first value row of the level
+        # Corner rows relative to the top-left corner: (y0x0, y0x1, y1x0, y1x1) -> (4, L*P).
+        self.shifts = torch.stack([self.zero.to(torch.int32), torch.full_like(self.row_step, m),
+                                   self.row_step, self.row_step + m])
+        self.lp = len(shapes) * num_points
+        self.m = m
+
+
+def _axis(u: Tensor, size: Tensor, last: Tensor, second_last: Tensor, lv: _Levels):
+    """Bilinear factors along one axis for normalised locations ``u`` (N, L*P), contiguous.
+
+    Returns the floor pixel clamped to [-1, size - 1] as int32 (a sample off the map keeps a
+    corner row next to it), the masked weights ``(w0, w1)`` of the corners ``i0`` and ``i0 + 1``
+    (zero for a corner off the map: exactly zero padding) and the 0/1 masks ``(v0, v1)``.
     """
-    px = x * w - 0.5  # pixel coordinates; align_corners=False
-    py = y * h - 0.5
-    x0 = torch.floor(px)
-    y0 = torch.floor(py)
-    fx = px - x0
-    fy = py - y0
-    vx0 = ((x0 >= 0) & (x0 <= w - 1)).to(x.dtype)
-    vx1 = ((x0 >= -1) & (x0 <= w - 2)).to(x.dtype)
-    vy0 = ((y0 >= 0) & (y0 <= h - 1)).to(x.dtype)
-    vy1 = ((y0 >= -1) & (y0 <= h - 2)).to(x.dtype)
-    wx0, wx1 = (1 - fx) * vx0, fx * vx1
-    wy0, wy1 = (1 - fy) * vy0, fy * vy1
-    ix0 = x0.clamp(0, w - 1).to(torch.int32)
-    ix1 = (x0 + 1).clamp_(0, w - 1).to(torch.int32)
-    iy0 = y0.clamp(0, h - 1).to(torch.int32)
-    iy1 = (y0 + 1).clamp_(0, h - 1).to(torch.int32)
-    return (ix0, ix1, iy0, iy1), (wx0, wx1, wy0, wy1), (vx0, vx1, vy0, vy1), (x0, y0)
+    p = torch.addcmul(lv.minus_half, u, size)  # pixel coordinate, align_corners=False
+    fl = torch.floor(p)
+    frac = p.sub_(fl)
+    # On the map iff i * (last - i) >= 0 for the integer i; as 0/1 floats: clamp(that + 1, 0, 1).
+    v0 = torch.addcmul(lv.one, fl, last - fl).clamp_(0, 1)
+    fl1 = fl + 1
+    v1 = torch.addcmul(lv.one, fl1, second_last - fl).clamp_(0, 1)
+    w1 = frac * v1
+    w0 = torch.addcmul(v0, frac, v0, value=-1)  # (1 - frac) * v0
+    i0 = torch.clamp(fl, lv.minus_one, last).to(torch.int32)
+    return i0, (w0, w1), (v0, v1)
 
 
-def _chunk_layout(loc: Tensor, attn: Tensor):
-    """Level-major copies of a chunk: loc (R, heads, L, P, 2) -> (L, 2, R, heads, P), attn -> (L, R, heads, P)."""
-    return loc.permute(2, 4, 0, 1, 3).contiguous(), attn.permute(2, 0, 1, 3).contiguous()
+def _entries(loc: Tensor, lv: _Levels, base: Tensor, n_values: int):
+    """Bilinear corners of a chunk of N = R*heads query rows.
 
-
-def _corners(loc_t: Tensor, attn_t: Tensor | None, factors: list, shapes: list[tuple[int, int]],
-             starts: list[int], num_values: int, q_total: int, row0: int):
-    """CSR entries of a chunk of R flattened (b, q) rows.
-
-    ``loc_t`` (L, 2, R, heads, P) and ``attn_t`` (L, R, heads, P) are the level-major
-    rows ``row0 .. row0+R`` of B*Q, ``factors`` their :func:`_level_factors` per level.
-    Returns ``col`` (R, heads, L, 4, P) int32, the value row ``(b*S + s)*heads + head``
-    of each corner (y0x0, y0x1, y1x0, y1x1), clamped into the map, and ``wts`` of the
-    same shape (attention times bilinear weight, 0 for a corner off the map: exactly
-    zero padding), or None when ``attn_t`` is None. All arithmetic runs on contiguous
-    (R, heads, P) slices with scalar level sizes.
+    ``loc`` (N, L*P, 2) are the rows' locations in their natural layout, ``base`` (N, 1) the
+    value row of (b, s = 0, head) for each row, ``(b * S) * heads + head``. Returns the top-left
+    row ``key`` (N, L*P) int32 (one pixel off the map at most), the corner rows ``col``
+    (N, 4, L*P) int32 clamped into the value rows, and the x / y factors of :func:`_axis`.
     """
-    num_levels, _, r, m, num_points = loc_t.shape
-    device = loc_t.device
-    batch = torch.div(torch.arange(row0, row0 + r, device=device, dtype=torch.int32), q_total,
-                      rounding_mode="floor")
-    head = torch.arange(m, device=device, dtype=torch.int32)
-    base = (batch * num_values).view(r, 1, 1) * m + head.view(1, m, 1)  # (R, heads, 1): row of s = 0
-    col = torch.empty(r, m, num_levels, 4, num_points, device=device, dtype=torch.int32)
-    wts = None if attn_t is None else torch.empty(col.shape, device=device, dtype=loc_t.dtype)
-    for level, (h, w) in enumerate(shapes):
-        (ix0, ix1, iy0, iy1), (wx0, wx1, wy0, wy1), _, _ = factors[level]
-        row_y0 = (iy0 * w + starts[level]) * m + base
-        row_y1 = (iy1 * w + starts[level]) * m + base
-        ix0, ix1 = ix0 * m, ix1 * m
-        for corner, (row, ix) in enumerate(((row_y0, ix0), (row_y0, ix1), (row_y1, ix0), (row_y1, ix1))):
-            torch.add(row, ix, out=col[:, :, level, corner])
-        if wts is not None:
-            a = attn_t[level]
-            ay0, ay1 = a * wy0, a * wy1
-            for corner, (ay, wx) in enumerate(((ay0, wx0), (ay0, wx1), (ay1, wx0), (ay1, wx1))):
-                torch.mul(ay, wx, out=wts[:, :, level, corner])
-    return col, wts
-
-
-def _factors(loc_t: Tensor, shapes: list[tuple[int, int]]) -> list:
-    return [_level_factors(loc_t[level, 0], loc_t[level, 1], h, w) for level, (h, w) in enumerate(shapes)]
+    xy = loc.permute(2, 0, 1).contiguous()  # (2, N, L*P)
+    x0, wx, vx = _axis(xy[0], lv.w, lv.w_last, lv.w_2nd, lv)
+    y0, wy, vy = _axis(xy[1], lv.h, lv.h_last, lv.h_2nd, lv)
+    key = torch.addcmul(base + lv.start, y0, lv.row_step)
+    key.add_(x0, alpha=lv.m)
+    col = torch.add(key.unsqueeze(1), lv.shifts).clamp_(0, n_values - 1)
+    return key, col, wx, wy, vx, vy
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -145,27 +142,40 @@ def _row_pointers(n_rows: int, per_row: int, device) -> Tensor:
     return torch.arange(0, n_rows * per_row + 1, per_row, device=device, dtype=torch.int32)
 
 
+def _row_bases(r0: int, r: int, q: int, s: int, m: int, device) -> Tensor:
+    """``(b * S) * heads + head`` of the rows of flattened (b, q) rows r0 .. r0+R: (R*heads, 1) int32."""
+    batch = torch.div(torch.arange(r0, r0 + r, device=device, dtype=torch.int32), q, rounding_mode="floor")
+    head = torch.arange(m, device=device, dtype=torch.int32)
+    return ((batch * s).view(r, 1) * m + head.view(1, m)).view(r * m, 1)
+
+
 class _DeformAttnCSR(torch.autograd.Function):
-    """Chunks of queries as CSR products ``out = A_chunk @ V``; the backward recomputes A."""
+    """Chunks of queries as sparse products ``out = A_chunk @ V``; the backward recomputes A."""
 
     @staticmethod
     def forward(ctx, value, loc, attn, shapes, chunk):
         b, s, m, dh = value.shape
-        q = loc.shape[1]
-        starts = _starts(shapes)
+        q, num_points = loc.shape[1], loc.shape[4]
+        lv = _Levels(shapes, num_points, m, value)
+        n_values = b * s * m
         # Detached, so that embedding_bag takes its forward-only path (no backward buffers).
-        v_rows = value.detach().view(b * s * m, dh)  # row (b, s, head)
-        loc_rows = loc.view(b * q, *loc.shape[2:])  # (B*Q, heads, L, P, 2)
-        attn_rows = attn.view(b * q, *attn.shape[2:])
-        out = value.new_empty(b * q * m, dh)  # row (b, q, head)
+        v_rows = value.detach().view(n_values, dh)  # row (b, s, head)
+        loc_rows = loc.view(b * q * m, lv.lp, 2)  # row (b, q, head): natural layout
+        attn_rows = attn.view(b * q * m, lv.lp)
+        out = value.new_empty(b * q * m, dh)
         for r0 in range(0, b * q, chunk):
             r1 = min(r0 + chunk, b * q)
-            loc_t, attn_t = _chunk_layout(loc_rows[r0:r1], attn_rows[r0:r1])
-            col, wts = _corners(loc_t, attn_t, _factors(loc_t, shapes), shapes, starts, s, q, r0)
-            n_rows = (r1 - r0) * m
-            # out rows = A @ V, each row a weighted bag of its L*4*P corner rows.
-            out[r0 * m:r1 * m] = F.embedding_bag(col.view(n_rows, -1), v_rows, mode="sum",
-                                                 per_sample_weights=wts.view(n_rows, -1))
+            n0, n1 = r0 * m, r1 * m
+            base = _row_bases(r0, r1 - r0, q, s, m, value.device)
+            _, col, (wx0, wx1), (wy0, wy1), _, _ = _entries(loc_rows[n0:n1], lv, base, n_values)
+            a = attn_rows[n0:n1]
+            ay0, ay1 = wy0.mul_(a), wy1.mul_(a)
+            wts = value.new_empty(n1 - n0, 4, lv.lp)
+            for corner, (ay, wx) in enumerate(((ay0, wx0), (ay0, wx1), (ay1, wx0), (ay1, wx1))):
+                torch.mul(ay, wx, out=wts[:, corner])
+            # out rows = A @ V, each row a weighted bag of its 4*L*P corner rows.
+            out[n0:n1] = F.embedding_bag(col.view(n1 - n0, -1), v_rows, mode="sum",
+                                         per_sample_weights=wts.view(n1 - n0, -1))
         ctx.save_for_backward(value, loc, attn)
         ctx.shapes, ctx.chunk = shapes, chunk
         return out.view(b, q, m * dh)
@@ -176,88 +186,85 @@ class _DeformAttnCSR(torch.autograd.Function):
         shapes, chunk = ctx.shapes, ctx.chunk
         b, s, m, dh = value.shape
         q, num_points = loc.shape[1], loc.shape[4]
+        lv = _Levels(shapes, num_points, m, value)
         starts = _starts(shapes)
         n_values = b * s * m
+        device = value.device
         v_rows = value.view(n_values, dh)
         g_rows = grad_out.reshape(b * q * m, dh).contiguous()
-        loc_rows = loc.view(b * q, *loc.shape[2:])
-        attn_rows = attn.view(b * q, *attn.shape[2:])
+        loc_rows = loc.view(b * q * m, lv.lp, 2)
+        attn_rows = attn.view(b * q * m, lv.lp)
         need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
         # Value gradient rows are padded by one map row plus one pixel on both sides, so that a
-        # sample's four corners are its top-left corner's row shifted by 0, 1, W, W+1 pixels.
+        # sample's four corners are its top-left corner's row shifted by 0, 1, W and W+1 pixels
+        # even when the top-left corner sits just off the map.
         pad = (max(w for _, w in shapes) + 1) * m
         grad_full = value.new_zeros(n_values + 2 * pad, dh) if need_v else None
         grad_loc = torch.empty_like(loc_rows) if need_loc else None
         grad_attn = torch.empty_like(attn_rows) if need_attn else None
-        head = torch.arange(m, device=value.device, dtype=torch.int32)
         for r0 in range(0, b * q, chunk):
             r1 = min(r0 + chunk, b * q)
-            r = r1 - r0
-            n_rows = r * m
-            g = g_rows[r0 * m:r1 * m]  # (R*heads, Dh), row (b, q, head)
-            loc_t, attn_t = _chunk_layout(loc_rows[r0:r1], attn_rows[r0:r1])
-            factors = _factors(loc_t, shapes)
-            batch = torch.div(torch.arange(r0, r1, device=value.device, dtype=torch.int32), q,
-                              rounding_mode="floor")
-            base = (batch * s).view(r, 1, 1) * m + head.view(1, m, 1)  # (R, heads, 1): row of s = 0
-            b_first, b_last = r0 // q, (r1 - 1) // q
-            pattern_rows = _row_pointers(n_rows, 4 * num_points, value.device)
-            dots = []  # per level: (4 corners, R, heads, P) of <grad_out row, value row>
-            for level, (h, w) in enumerate(shapes):
-                _, (wx0, wx1, wy0, wy1), _, (x0, y0) = factors[level]
-                # Row of each sample's top-left corner (it may sit one pixel off the map);
-                # the other corners are this row shifted by 1, W and W+1 pixels.
-                top_left = y0.clamp(-1, h - 1) * w + x0.clamp(-1, w - 1)  # (R, heads, P)
-                key = (top_left.to(torch.int32) + starts[level]) * m + base
-                shifts = (0, m, w * m, (w + 1) * m)
-                shift_t = torch.tensor(shifts, dtype=torch.int32, device=value.device).view(4, 1)
-                if need_v:
-                    # dV += A.T @ g. A.T in CSR needs the samples sorted by the value row they
-                    # read: one sort of the top-left rows serves all four corners, each
-                    # accumulating into a row-shifted view of the padded gradient.
-                    lo = (b_first * s + starts[level] - w - 1) * m  # rows this level can touch
-                    n_keys = (b_last * s + starts[level] + h * w) * m - lo
-                    sorted_key, order = torch.sort((key - lo).view(-1), stable=True)
-                    crow_t = torch.zeros(n_keys + 1, dtype=torch.int32, device=key.device)
-                    torch.cumsum(torch.bincount(sorted_key, minlength=n_keys), 0, out=crow_t[1:])
-                    rows_t = torch.div(order, num_points, rounding_mode="floor").to(torch.int32)
-                    a = attn_t[level]
-                    for shift, wy, wx in zip(shifts, (wy0, wy0, wy1, wy1), (wx0, wx1, wx0, wx1)):
-                        vals = (a * wy * wx).view(-1).index_select(0, order)
-                        a_t = _csr(crow_t, rows_t, vals, (n_keys, n_rows))
-                        start_row = pad + lo + shift
-                        grad_full[start_row:start_row + n_keys].addmm_(a_t, g)
-                    del sorted_key, order, crow_t, rows_t
-                if need_loc or need_attn:
-                    # One dot per sample and corner, on A's pattern (4*P entries per row, corner-major).
-                    # Off-map corners read a clamped row; their dots are multiplied by 0 below.
-                    col = (key.unsqueeze(-2) + shift_t).clamp_(0, n_values - 1).view(-1)  # (R, heads, 4, P)
-                    pattern = _csr(pattern_rows, col, g.new_zeros(col.numel()), (n_rows, n_values))
-                    level_dots = torch.sparse.sampled_addmm(pattern, g, v_rows.t(), beta=0.0).values()
-                    dots.append(level_dots.view(r, m, 4, num_points).unbind(2))
+            n0, n1 = r0 * m, r1 * m
+            n = n1 - n0
+            g = g_rows[n0:n1]  # (N, Dh), row (b, q, head)
+            base = _row_bases(r0, r1 - r0, q, s, m, device)
+            key, col, (wx0, wx1), (wy0, wy1), (vx0, vx1), (vy0, vy1) = _entries(loc_rows[n0:n1], lv, base,
+                                                                                  n_values)
+            a = attn_rows[n0:n1]
+            if need_v:
+                # dV += A.T @ g. A.T in CSR needs the samples sorted by the value row they read:
+                # one sort of the top-left rows of all levels (each level's rows moved into a
+                # range of its own) serves every level and corner; each corner of a level then
+                # accumulates into a row-shifted view of the padded gradient.
+                b_first, b_last = r0 // q, (r1 - 1) // q
+                lo, n_keys, offset = [], [], 0
+                for level, (h, w) in enumerate(shapes):
+                    lo.append((b_first * s + starts[level] - w - 1) * m)  # rows this level can touch
+                    n_keys.append((b_last * s + starts[level] + h * w) * m - lo[-1])
+                    offset += n_keys[-1]
+                first = [sum(n_keys[:level]) for level in range(len(shapes))]
+                shift_in = torch.tensor([f - l for f, l in zip(first, lo)], dtype=torch.int32, device=device)
+                sorted_key, order = torch.sort((key + shift_in.repeat_interleave(num_points)).view(-1), stable=True)
+                crow_t = torch.zeros(offset + 1, dtype=torch.int32, device=device)
+                torch.cumsum(torch.bincount(sorted_key, minlength=offset), 0, out=crow_t[1:])
+                rows_t = torch.div(order, lv.lp, rounding_mode="floor").to(torch.int32)
+                ay0, ay1 = wy0 * a, wy1 * a
+                wts = value.new_empty(4, n, lv.lp)  # corner-major, entry (row, level, point)
+                for corner, (ay, wx) in enumerate(((ay0, wx0), (ay0, wx1), (ay1, wx0), (ay1, wx1))):
+                    torch.mul(ay, wx, out=wts[corner])
+                vals = wts.view(4, -1).index_select(1, order)
+                bounds = crow_t[first + [offset]].tolist()
+                for level, (h, w) in enumerate(shapes):
+                    e0, e1 = bounds[level], bounds[level + 1]
+                    crow_l = crow_t[first[level]:first[level] + n_keys[level] + 1] - e0
+                    for corner, shift in enumerate((0, m, w * m, (w + 1) * m)):
+                        a_t = _csr(crow_l, rows_t[e0:e1], vals[corner, e0:e1], (n_keys[level], n))
+                        start_row = pad + lo[level] + shift
+                        grad_full[start_row:start_row + n_keys[level]].addmm_(a_t, g)
+                del sorted_key, order, crow_t, rows_t, wts, vals
             if not (need_loc or need_attn):
                 continue
-            g_attn = torch.empty_like(attn_t)  # (L, R, heads, P)
-            g_loc = torch.empty_like(loc_t)  # (L, 2, R, heads, P)
-            for level, (h, w) in enumerate(shapes):
-                _, (wx0, wx1, wy0, wy1), (vx0, vx1, vy0, vy1), _ = factors[level]
-                d00, d01, d10, d11 = dots[level]  # corners (y0x0, y0x1, y1x0, y1x1)
-                along_x0 = d00 * wy0 + d10 * wy1  # summed over the y corners
-                along_x1 = d01 * wy0 + d11 * wy1
-                g_attn[level] = along_x0 * wx0 + along_x1 * wx1
-                if need_loc:
-                    # d w / d pixel = (-v0, +v1) per axis; d pixel / d loc = the level size.
-                    a = attn_t[level]
-                    along_y0 = d00 * wx0 + d01 * wx1
-                    along_y1 = d10 * wx0 + d11 * wx1
-                    g_loc[level, 0] = (along_x1 * vx1 - along_x0 * vx0) * a * w
-                    g_loc[level, 1] = (along_y1 * vy1 - along_y0 * vy0) * a * h
+            # One dot <grad_out row, value row> per stored corner, on A's own pattern.
+            pattern = _csr(_row_pointers(n, 4 * lv.lp, device), col.view(-1), g.new_zeros(col.numel()),
+                           (n, n_values))
+            d = torch.sparse.sampled_addmm(pattern, g, v_rows.t(), beta=0.0).values().view(n, 2, 2, lv.lp)
+            # u[:, cy] = the dots interpolated along x at each y corner (zero-padded corners carry
+            # zero weight); d out / d attention interpolates them along y.
+            u = d[:, :, 0] * wx0.unsqueeze(1)
+            u.addcmul_(d[:, :, 1], wx1.unsqueeze(1))
             if need_attn:
-                grad_attn[r0:r1] = g_attn.permute(1, 2, 0, 3)
+                torch.mul(u[:, 0], wy0, out=grad_attn[n0:n1]).addcmul_(u[:, 1], wy1)
             if need_loc:
-                grad_loc[r0:r1] = g_loc.permute(2, 3, 0, 4, 1)
-        grad_v = grad_full[pad:pad + n_values] if need_v else None
-        grad_value = grad_v.view_as(value) if need_v else None
+                # d weight / d pixel = (-v0, +v1) per axis; d pixel / d location = the level size.
+                tx = d[:, :, 1] * vx1.unsqueeze(1)
+                tx.addcmul_(d[:, :, 0], vx0.unsqueeze(1), value=-1)  # (N, 2, L*P)
+                gx = tx[:, 0] * wy0
+                gx.addcmul_(tx[:, 1], wy1).mul_(a)
+                gy = u[:, 1] * vy1
+                gy.addcmul_(u[:, 0], vy0, value=-1).mul_(a)
+                torch.mul(gx, lv.w, out=grad_loc[n0:n1, :, 0])
+                torch.mul(gy, lv.h, out=grad_loc[n0:n1, :, 1])
+        grad_value = grad_full[pad:pad + n_values].view_as(value) if need_v else None
         grad_loc = grad_loc.view_as(loc) if need_loc else None
         grad_attn = grad_attn.view_as(attn) if need_attn else None
         return grad_value, grad_loc, grad_attn, None, None
@@ -282,15 +289,17 @@ def deform_attn(
 
     For each query row ``(b, q, head)`` the L*P samples become L*P*4 stored entries
     (corner column, attention weight times bilinear weight; out-of-map corners get
-    weight 0, which is exactly zero padding), and ``out = A @ V`` is a CSR
-    sparse-times-dense product. Queries are processed ``chunk_queries`` rows of
-    B*Q at a time (default: at least 2048, more for large value maps), so the
-    sampled (B*heads, Dh, Q, L*P) tensor is never formed and the working set is
-    bounded. The backward recomputes each chunk's entries: the value gradient is
-    ``A.T @ grad`` (one sort per level of the samples' top-left corners gives A.T
-    in CSR for all four corners) and the location / weight gradients come from
-    sampled dense products (one dot per stored corner). Equal to
-    :func:`deform_attn_reference` up to float rounding.
+    weight 0, which is exactly zero padding), and ``out = A @ V`` is a sparse
+    product, each row a weighted ``embedding_bag`` of its corner rows. Queries are
+    processed ``chunk_queries`` rows of B*Q at a time (default: at least 2048, more
+    for large value maps), so the sampled (B*heads, Dh, Q, L*P) tensor is never
+    formed and the working set is bounded. Every per-sample pass runs on the
+    inputs' natural (rows, L*P) layout, all levels at once. The backward recomputes
+    each chunk's entries: the value gradient is ``A.T @ grad`` (one sort of the
+    samples' top-left corners gives A.T in CSR for every level and all four
+    corners) and the location / weight gradients come from one sampled dense
+    product (one dot per stored corner). Equal to :func:`deform_attn_reference` up
+    to float rounding.
 
     Frames: as :func:`deform_attn_reference` (value rows are the flattened feature
     maps; queries are whatever the caller samples for, e.g. BEV cells).
