@@ -316,10 +316,17 @@ def deform_attn(
         raise ValueError("deform_attn: B*S*heads too large for int32 indices")
     if chunk_queries is None:
         # Enough rows per chunk that the backward's passes over the touched value rows stay
-        # small next to the chunk's own entries, and at least 2048.
+        # small next to the chunk's own entries, and at least 2048; aligned to the batch
+        # elements (equal parts of one element's queries, or whole elements), so that a
+        # chunk's rows read one element's value rows rather than straddle two.
         b, s, m, _ = value.shape
+        q = sampling_locations.shape[1]
         entries_per_row = m * len(shapes) * sampling_locations.shape[4] * 4
-        chunk_queries = max(2048, 4 * b * s * m // max(1, entries_per_row))
+        target = max(2048, 4 * b * s * m // max(1, entries_per_row))
+        if q >= target:
+            chunk_queries = -(-q // -(-q // target))  # ceil(q / parts), parts = ceil(q / target)
+        else:
+            chunk_queries = q * max(1, target // max(1, q))
     return _DeformAttnCSR.apply(
         value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous(),
         shapes, max(1, int(chunk_queries)),
