@@ -58,17 +58,20 @@ def test_index_is_cached_and_rebuilt_when_stale(tiny_root, tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t["sample_data"][3].update(ego_pose_token="f" * 32), f"ego_pose.json: no record with token {'f' * 32!r}"),
+    (lambda t: t["sample_data"][3].update(ego_pose_token="f" * 32),
+     f"ego_pose.json: no record with token {'f' * 32!r}"),
     (lambda t: t["sample_annotation"][5].update(translation=[1.0, 2.0]),
      "sample_annotation.json: Expected `array` of length 3 - at `$[5].translation`"),
     (lambda t: t["sample"][0].update(timestamp="soon"), "sample.json: Expected `int`, got `str` - at `$[0].timestamp`"),
     (lambda t: t["instance"][2].update(category_token="nope"), "category.json: no record with token 'nope'"),
+    (lambda t: t["calibrated_sensor"][1].update(camera_intrinsic=[[1.0, 0.0], [0.0, 1.0]]),
+     "camera_intrinsic must be 3x3 or empty, got shape (2, 2)"),
 ])
 def test_index_build_names_bad_records(tiny_root, tmp_path, edit, message):
     """A dangling token or a mistyped field stops the build with the file, record and field."""
     shutil.copytree(tiny_root / "v1.0-mini", tmp_path / "v1.0-mini")
     tables = {}
-    for name in ("sample_data", "sample_annotation", "sample", "instance"):
+    for name in ("sample_data", "sample_annotation", "sample", "instance", "calibrated_sensor"):
         tables[name] = json.loads((tmp_path / "v1.0-mini" / f"{name}.json").read_text())
     edit(tables)
     for name, rows in tables.items():

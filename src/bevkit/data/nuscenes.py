@@ -395,17 +395,18 @@ def _pose_matrices(rows: list) -> np.ndarray:
     return out
 
 
-def _velocities(prev: np.ndarray, nxt: np.ndarray, time_s: np.ndarray, trans: np.ndarray,
+def _velocities(prev: np.ndarray, nxt: np.ndarray, time_us: np.ndarray, trans: np.ndarray,
                 max_dt: float = 1.5) -> np.ndarray:
     """Global velocities of all annotations at once, as the devkit's ``box_velocity`` defines them.
 
-    ``prev`` / ``nxt`` are the rows of the neighbouring annotations (-1: none), ``time_s`` each
-    annotation's sample time in seconds. Shapes: (M,), (M,), (M,), (M, 3) -> (M, 3), NaN if unknown.
+    ``prev`` / ``nxt`` are the rows of the neighbouring annotations (-1: none), ``time_us`` each
+    annotation's sample timestamp (int64 microseconds; differenced before scaling, as the devkit
+    does). Shapes: (M,), (M,), (M,), (M, 3) -> (M, 3), NaN if unknown.
     """
     me = np.arange(len(prev))
     first = np.where(prev >= 0, prev, me)
     last = np.where(nxt >= 0, nxt, me)
-    dt = time_s[last] - time_s[first]
+    dt = (time_us[last] - time_us[first]) * 1e-6
     limit = np.where((prev >= 0) & (nxt >= 0), 2 * max_dt, max_dt)
     with np.errstate(divide="ignore", invalid="ignore"):
         vel = (trans[last] - trans[first]) / dt[:, None]
@@ -489,7 +490,11 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
     intrinsics = np.zeros((len(cs), 3, 3))
     for i, c in enumerate(cs):
         if c.camera_intrinsic:
-            intrinsics[i] = np.asarray(c.camera_intrinsic, dtype=np.float64).reshape(3, 3)
+            k = np.asarray(c.camera_intrinsic, dtype=np.float64)
+            if k.shape != (3, 3):
+                raise DataError(f"{path['calibrated_sensor']}: record {c.token}: camera_intrinsic must be 3x3 "
+                                f"or empty, got shape {k.shape}")
+            intrinsics[i] = k
     sensor_timestamp = _column(_attr(sd, "timestamp"), len(sd), np.int64)[use]
     sensor_size = np.stack([_column((d.width or 0 for d in sd), len(sd), np.int64),
                             _column((d.height or 0 for d in sd), len(sd), np.int64)], axis=1)[use]
@@ -517,7 +522,7 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
     prev = _column(map(ann_row.get, _attr(anns, "prev"), repeat(-1)), n, np.int64)
     nxt = _column(map(ann_row.get, _attr(anns, "next"), repeat(-1)), n, np.int64)
     sample_time = np.array([s.timestamp for s in samples], dtype=np.int64)
-    vel = _velocities(prev, nxt, sample_time[ann_sample] * 1e-6, trans)
+    vel = _velocities(prev, nxt, sample_time[ann_sample], trans)
     e_from_g = key_from_global[ann_sample]
     centre = np.einsum("nij,nj->ni", e_from_g[:, :3, :3], trans) + e_from_g[:, :3, 3]
     f_ego = np.einsum("nij,nj->ni", e_from_g[:, :2, :3], forward)
