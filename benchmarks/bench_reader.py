@@ -2,12 +2,20 @@
 same data in one run, and DataLoader throughput at the default training resolution.
 
     python benchmarks/bench_reader.py data/synth-mini --workers 2
+    python benchmarks/bench_reader.py data/synth-mini --scale 8   # tables replicated 8 times
+
+``--scale K`` times the index and the devkit on a table-only copy of the version with every
+scene (and its samples, sensor records, poses, annotations, instances and logs) replicated K
+times under new tokens: both readers parse and link K times the records, no sensor file is
+read, and the DataLoader is not timed.
 """
 
 import argparse
 import json
+import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +32,77 @@ def best_of(fn, repeat):
     return min(times)
 
 
+SHARED_TABLES = ("category", "attribute", "visibility", "sensor")
+REPLICATED_TABLES = ("scene", "sample", "sample_data", "ego_pose", "calibrated_sensor", "sample_annotation",
+                     "instance", "log")
+
+
+def replicate(root: Path, version: str, k: int, out: Path) -> Path:
+    """Write ``out/version`` with the tables of ``root/version`` replicated ``k`` times.
+
+    Copy i of every token gets the suffix ``i`` (two digits); tokens of the shared tables
+    (categories, attributes, visibilities, sensors) are kept, scene names get ``-i``, and the
+    map table lists every copy's logs. ``maps/`` links to the original.
+    """
+    src = root / version
+    shared = set()
+    for name in SHARED_TABLES:
+        shared.update(r["token"] for r in json.loads((src / f"{name}.json").read_text()))
+
+    def suffix(v, i):
+        if isinstance(v, list):
+            return [suffix(x, i) for x in v]
+        return v if not isinstance(v, str) or v == "" or v in shared else f"{v}{i:02d}"
+
+    def copy(rec, i):
+        out_rec = {}
+        for key, v in rec.items():
+            if key == "token" or key.endswith(("_token", "_tokens")) or key in ("prev", "next"):
+                v = suffix(v, i)
+            elif key == "name" and "log_token" in rec and i:
+                v = f"{v}-{i:02d}"
+            out_rec[key] = v
+        return out_rec
+
+    dst = out / version
+    dst.mkdir(parents=True)
+    for name in SHARED_TABLES:
+        (dst / f"{name}.json").write_bytes((src / f"{name}.json").read_bytes())
+    for name in REPLICATED_TABLES:
+        rows = json.loads((src / f"{name}.json").read_text())
+        (dst / f"{name}.json").write_text(json.dumps([copy(r, i) for i in range(k) for r in rows], indent=0))
+    maps = json.loads((src / "map.json").read_text())
+    for m in maps:
+        m["log_tokens"] = [suffix(t, i) for i in range(k) for t in m["log_tokens"]]
+    (dst / "map.json").write_text(json.dumps(maps, indent=0))
+    os.symlink((root / "maps").resolve(), out / "maps")
+    return out
+
+
+def time_indexes(root, version: str, repeat: int, out: dict) -> None:
+    """Index build, cached load and the devkit's constructor on ``root``, best of ``repeat``."""
+    with tempfile.TemporaryDirectory() as cache:
+        out["index_build_s"] = best_of(lambda: NuScenesIndex.load(root, version, cache_dir=cache, rebuild=True),
+                                       repeat)
+        out["index_cached_load_s"] = best_of(lambda: NuScenesIndex.load(root, version, cache_dir=cache), repeat)
+        # Sample dicts are made from the index's arrays when first asked for: what all of them cost.
+        out["index_all_sample_dicts_s"] = best_of(
+            lambda: NuScenesIndex.load(root, version, cache_dir=cache).samples[:], repeat) \
+            - out["index_cached_load_s"]
+    try:
+        from nuscenes import NuScenes
+    except ImportError:
+        out["devkit_constructor_s"] = None
+        return
+    out["devkit_constructor_s"] = best_of(lambda: NuScenes(version, str(root), verbose=False), repeat)
+    out["build_speedup_vs_devkit"] = out["devkit_constructor_s"] / out["index_build_s"]
+    out["cached_speedup_vs_devkit"] = out["devkit_constructor_s"] / out["index_cached_load_s"]
+
+
+def report(out: dict) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root")
@@ -32,28 +111,23 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--scale", type=int, default=1,
+                    help="time the indexes on a table-only copy with every scene replicated this many times")
     args = ap.parse_args()
+    if args.scale < 1:
+        ap.error("--scale must be at least 1")
     version = args.version or find_version(args.root)
     out = {"benchmark": "reader", "root": str(args.root), "version": version}
+    if args.scale > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            scaled = replicate(Path(args.root), version, args.scale, Path(tmp) / "scaled")
+            out["scale"] = args.scale
+            time_indexes(scaled, version, args.repeat, out)
+        report(out)
+        return
+    time_indexes(args.root, version, args.repeat, out)
     with tempfile.TemporaryDirectory() as cache:
-        out["index_build_s"] = best_of(lambda: NuScenesIndex.load(args.root, version, cache_dir=cache, rebuild=True),
-                                       args.repeat)
-        out["index_cached_load_s"] = best_of(lambda: NuScenesIndex.load(args.root, version, cache_dir=cache),
-                                             args.repeat)
-        # Sample dicts are made from the index's arrays when first asked for: what all of them cost.
-        out["index_all_sample_dicts_s"] = best_of(
-            lambda: list(NuScenesIndex.load(args.root, version, cache_dir=cache).samples), args.repeat) \
-            - out["index_cached_load_s"]
-        try:
-            from nuscenes import NuScenes
-
-            out["devkit_constructor_s"] = best_of(lambda: NuScenes(version, str(args.root), verbose=False),
-                                                  args.repeat)
-            out["build_speedup_vs_devkit"] = out["devkit_constructor_s"] / out["index_build_s"]
-            out["cached_speedup_vs_devkit"] = out["devkit_constructor_s"] / out["index_cached_load_s"]
-        except ImportError:
-            out["devkit_constructor_s"] = None
-        index = NuScenesIndex.load(args.root, version, cache_dir=cache)
+        index = NuScenesIndex.load(args.root, version, cache_dir=cache)  # held in memory from here
     cfg = DataConfig(image_size=(256, 704))
     ds = NuScenesDataset(args.root, args.split, cfg, index=index)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=args.workers,
@@ -69,7 +143,7 @@ def main():
     dt = time.perf_counter() - t0
     out.update({"loader_workers": args.workers, "loader_image_size": [256, 704], "loader_cameras": 6,
                 "loader_points": "keyframe", "loader_samples_per_s": n / dt})
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}, indent=1))
+    report(out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,17 @@ def test_index_build_names_bad_records(tiny_root, tmp_path, edit, message):
         NuScenesIndex.load(tmp_path, cache_dir=tmp_path / "cache")
 
 
+def test_samples_are_made_once_and_index_like_a_list(index):
+    n = len(index.samples)
+    assert index.samples[-1] is index.samples[n - 1]  # made once, then the same dict
+    assert index.samples[1:4] == [index.samples[k] for k in (1, 2, 3)]
+    assert [s["token"] for s in index.samples] == [s["token"] for s in index.samples[:]]
+    with pytest.raises(IndexError):
+        index.samples[n]
+    s = index.sample(index.samples[2]["token"])
+    assert s is index.samples[2] and len(s["anns"]["boxes"]) == len(s["anns"]["token"]) > 0
+
+
 def test_splits(index):
     assert [index.scenes[s["scene_token"]]["name"] for s in index.split("mini_val")] == ["scene-0103"] * 6
     assert len(index.split("mini_train")) == 6

@@ -587,11 +587,18 @@ class _Samples(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+            return self.take(range(*i.indices(len(self))))
         d = self._made[i]
         if d is None:
             d = self._made[i] = self._index._make_sample(range(len(self))[i])
         return d
+
+    def take(self, positions) -> list[dict]:
+        """The samples at ``positions``, made with the garbage collector paused: each sample is
+        about a hundred new dicts and lists, and the collections their allocation triggers
+        would traverse every sample made before (3x the time at 3,200 samples)."""
+        with _gc_paused():
+            return [self[k] for k in positions]
 
 
 class NuScenesIndex:
@@ -664,7 +671,7 @@ class NuScenesIndex:
         names = set(split_scenes(self.root, self.version, split))
         scenes = self.scenes
         keep = [i for i, tok in enumerate(self._strings["sample_scene"]) if scenes[tok]["name"] in names]
-        return [self.samples[i] for i in keep]
+        return self.samples.take(keep)
 
     def location(self, sample: dict) -> str:
         return self.scenes[sample["scene_token"]]["location"]
