@@ -132,6 +132,14 @@ def _entries(loc: Tensor, lv: _Levels, base: Tensor, n_values: int):
     return key, col, wx, wy, vx, vy
 
 
+def _corner_weights(a: Tensor, wx: tuple[Tensor, Tensor], wy: tuple[Tensor, Tensor], out) -> None:
+    """Attention times bilinear weight of the corners (y0x0, y0x1, y1x0, y1x1), written into the
+    four (N, L*P) views ``out``. ``a``, ``wx``, ``wy``: (N, L*P), masked as from :func:`_axis`."""
+    ay0, ay1 = wy[0] * a, wy[1] * a
+    for view, ay, w in zip(out, (ay0, ay0, ay1, ay1), (wx[0], wx[1], wx[0], wx[1])):
+        torch.mul(ay, w, out=view)
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -168,11 +176,8 @@ class _DeformAttnCSR(torch.autograd.Function):
             n0, n1 = r0 * m, r1 * m
             base = _row_bases(r0, r1 - r0, q, s, m, value.device)
             _, col, (wx0, wx1), (wy0, wy1), _, _ = _entries(loc_rows[n0:n1], lv, base, n_values)
-            a = attn_rows[n0:n1]
-            ay0, ay1 = wy0.mul_(a), wy1.mul_(a)
             wts = value.new_empty(n1 - n0, 4, lv.lp)
-            for corner, (ay, wx) in enumerate(((ay0, wx0), (ay0, wx1), (ay1, wx0), (ay1, wx1))):
-                torch.mul(ay, wx, out=wts[:, corner])
+            _corner_weights(attn_rows[n0:n1], (wx0, wx1), (wy0, wy1), wts.unbind(1))
             # out rows = A @ V, each row a weighted bag of its 4*L*P corner rows.
             out[n0:n1] = F.embedding_bag(col.view(n1 - n0, -1), v_rows, mode="sum",
                                          per_sample_weights=wts.view(n1 - n0, -1))
@@ -228,10 +233,8 @@ class _DeformAttnCSR(torch.autograd.Function):
                 crow_t = torch.zeros(offset + 1, dtype=torch.int32, device=device)
                 torch.cumsum(torch.bincount(sorted_key, minlength=offset), 0, out=crow_t[1:])
                 rows_t = torch.div(order, lv.lp, rounding_mode="floor").to(torch.int32)
-                ay0, ay1 = wy0 * a, wy1 * a
                 wts = value.new_empty(4, n, lv.lp)  # corner-major, entry (row, level, point)
-                for corner, (ay, wx) in enumerate(((ay0, wx0), (ay0, wx1), (ay1, wx0), (ay1, wx1))):
-                    torch.mul(ay, wx, out=wts[corner])
+                _corner_weights(a, (wx0, wx1), (wy0, wy1), wts.unbind(0))
                 vals = wts.view(4, -1).index_select(1, order)
                 bounds = crow_t[first + [offset]].tolist()
                 for level, (h, w) in enumerate(shapes):
