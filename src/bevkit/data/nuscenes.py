@@ -699,9 +699,12 @@ class NuScenesIndex:
             header = {"schema": INDEX_SCHEMA, "identity": identity, "version": version, **strings}
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, header=np.frombuffer(orjson.dumps(header), dtype=np.uint8), **arrays)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    np.savez(f, header=np.frombuffer(orjson.dumps(header), dtype=np.uint8), **arrays)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # only left when writing failed
             return cls(root, version, identity, strings, arrays)
 
 
