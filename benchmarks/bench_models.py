@@ -13,13 +13,16 @@ torch thread:
   ``--lidar-from-data`` the LiDAR sweeps of a dataset sample (``--data``, ``--split``, ``--index``,
   the preset's ``data.sweeps``): a sparse-voxel encoder's cost follows the occupied voxels, which
   uniform random points overstate. GFLOPs as the
-  counter defines them (2 per multiply-add). The counter has no rule for sparse tensors: the CSR
-  products of ``ops.bev_pool``, ``ops.deform_attn`` and ``ops.sparse_conv3d`` dispatch to
-  ``aten.mm`` and are counted as if the sparse matrix were dense. A dispatch mode beside the counter
-  sees every ``aten.mm`` / ``aten.addmm`` with a sparse operand and records what the counter counted
-  for it (``sparse_as_dense``; ``without_sparse`` is the total minus it) and what the product costs
-  as the sparse product it is (``sparse_true``: 2 FLOPs per stored entry of the sparse matrix and
-  column of the dense one); ``with_sparse_true`` is ``without_sparse`` plus that. (The earlier,
+  counter defines them (2 per multiply-add). The counter has no rule for the sparse products: the
+  compressed-row products of ``ops.sparse_conv3d`` dispatch to ``aten.mm`` and are counted as if the
+  sparse matrix were dense, and the weighted ``embedding_bag`` sums that carry the forward products
+  of ``ops.bev_pool`` and ``ops.deform_attn`` are not counted at all. A dispatch mode beside the
+  counter sees every ``aten.mm`` / ``aten.addmm`` with a sparse operand and every ``embedding_bag``
+  and records what the counter counted for them (``sparse_as_dense``, 0 for the bags;
+  ``without_sparse`` is the total minus it) and what the products cost as the sparse products they
+  are (``sparse_true``: 2 FLOPs per stored entry of the sparse matrix, or bag entry, and column of
+  the dense one; ``bag_true`` is the bags' share); ``with_sparse_true`` is ``without_sparse`` plus
+  ``sparse_true``. (The earlier,
   module-based estimate of ``sparse_as_dense``, the ``aten.mm`` the view transform's and the DETR
   decoder's cross-attention modules count for themselves, is kept as ``sparse_as_dense_by_module``;
   the two agree where no sparse LiDAR encoder runs.)
@@ -134,20 +137,28 @@ def child_params(exp) -> dict:
 class SparseProductCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """FLOPs of the sparse products as what they are: 2 per stored entry of the sparse matrix and
     column of the dense one, for every ``aten.mm`` / ``aten.addmm`` whose matrix is sparse (the CSR
-    products of ``ops.bev_pool``, ``ops.deform_attn`` and ``ops.sparse_conv3d``, forward only here),
-    and ``as_dense``, what ``FlopCounterMode`` counts for the same calls (2 x rows x inner x columns,
-    as if the sparse matrix were dense)."""
+    products of ``ops.sparse_conv3d``, forward only here) and every ``embedding_bag`` (the forward
+    products of ``ops.bev_pool`` and ``ops.deform_attn``: 2 per bag entry and column), and
+    ``as_dense``, what ``FlopCounterMode`` counts for the same calls (2 x rows x inner x columns for a
+    sparse ``mm``, as if the matrix were dense; nothing for a bag)."""
 
     SPARSE = (torch.sparse_csr, torch.sparse_coo, torch.sparse_csc, torch.sparse_bsr)
 
     def __init__(self):
         super().__init__()
         self.flops = 0
+        self.bag_flops = 0
         self.as_dense = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         pack = func._overloadpacket
-        if pack in (torch.ops.aten.mm, torch.ops.aten.addmm):
+        if pack in (torch.ops.aten._embedding_bag_forward_only, torch.ops.aten._embedding_bag):
+            # A weighted bag sum is the same sparse product with its entries as indices; the
+            # counter has no rule for it (counts 0), so nothing is added to as_dense.
+            weight, indices = args[0], args[1]
+            self.flops += 2 * indices.numel() * weight.shape[1]
+            self.bag_flops += 2 * indices.numel() * weight.shape[1]
+        elif pack in (torch.ops.aten.mm, torch.ops.aten.addmm):
             a, b = (args[0], args[1]) if pack is torch.ops.aten.mm else (args[1], args[2])
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
                     a.layout in self.SPARSE or b.layout in self.SPARSE):
@@ -204,7 +215,8 @@ def child_flops(exp, points: int, data_points: list | None = None) -> dict:
             "points": int(sum(len(p) for p in batch["points"])) if exp.model.lidar is not None else 0,
             "points_from": "data" if data_points is not None else "random",
             "gflops": everything, "sparse_as_dense": sparse, "without_sparse": everything - sparse,
-            "sparse_true": sparse_counter.flops / 1e9, "with_sparse_true": everything - sparse + sparse_counter.flops / 1e9,
+            "sparse_true": sparse_counter.flops / 1e9, "bag_true": sparse_counter.bag_flops / 1e9,
+            "with_sparse_true": everything - sparse + sparse_counter.flops / 1e9,
             "backbone": total("BEVModel.backbone") if exp.model.view_transform is not None else None,
             "bev_encoder": total("BEVModel.bev_encoder"), "heads": total("BEVModel.heads") - head_sparse,
             "by_component": {name: total(f"BEVModel.{name}") for name in COMPONENTS},

@@ -21,7 +21,7 @@ from bevkit.ops import bev_warp, deform_attn
 
 def deform_attn_fp32(value: Tensor, shapes, loc: Tensor, attn: Tensor, impl=deform_attn) -> Tensor:
     """A deformable attention ``impl`` (default ``ops.deform_attn``) in float32 even under autocast
-    (the fast path's sparse CSR product has no bf16/fp16 kernel on CPU).
+    (the fast path's compressed-row backward product has no bf16/fp16 kernel on CPU).
 
     ``impl`` is any function of ``ops.deform_attn``'s signature, e.g. ``ops.deform_attn_reference``
     (one ``grid_sample`` per level, which materialises every sample) for memory comparisons.

@@ -79,7 +79,7 @@ class ViewTransformConfig(Frozen):
     camera gates). ``deform``: BEVFormer's encoder, ``layers`` x (temporal self-attention with ``tsa_points``
     samples per head and map, spatial cross-attention at ``num_z`` pillar heights with
     ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
-    names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse CSR path;
+    names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse-product path;
     ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
     memory and speed. ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also
     reads the LiDAR points projected into each image (needs a LiDAR input in the batch).

@@ -133,7 +133,7 @@ class LiftSplat(nn.Module):
             depths = depth_bin_centres(self.dbound, intrinsics)
             points = frustum_points_ego(intrinsics, img_aug, ego_from_cam, depths, h, w, self.stride)
             plan = bev_pool_plan(points.float(), self.pool_grid.spec())
-        # The sparse CSR product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
+        # The compressed-row backward product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
         with torch.autocast(device_type=depth.device.type, enabled=False):
             bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, fY, fX)
         if self.downsample is not None:
