@@ -6,7 +6,10 @@ geometry changes every step. Default-allocator timing runs in this process: medi
 CPU) time of repeats, the variants interleaved so that load from other processes hits all
 alike; peak
 memory runs each variant in fresh subprocesses (median of ``--memory-runs``) and reports the
-growth of the resident set (VmHWM after resetting it, minus VmRSS before the call). The timing is
+growth of the resident set (VmHWM after resetting it, minus VmRSS before the call), and, in one
+more fresh process, the peak bytes of live tensors during the call from the profiler's allocation
+events (what ``torch.cuda.max_memory_allocated`` reports on a GPU; deterministic, where the
+resident-set growth of a small call depends on the heap the process starts with). The timing is
 repeated with a glibc that keeps freed memory (mmap disabled, no trimming, 1 GiB top pad),
 which removes the page-fault cost of fresh large allocations; there each variant runs alone
 in a fresh process (warm-up, then repeats).
@@ -156,6 +159,33 @@ def memory_child(batch: int, name: str, backward: bool) -> dict:
     return {"peak_delta_mib": (_rss_kib("VmHWM") - before) / 1024}
 
 
+def live_child(batch: int, name: str, backward: bool) -> dict:
+    """Peak bytes of live tensors during one call, from the profiler's allocation events.
+
+    What ``torch.cuda.max_memory_allocated`` reports on a GPU: every tensor allocated and freed
+    inside the call, summed in order, without the C allocator's reuse or page faulting.
+    """
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    points, depth, feats = make_inputs(batch)
+    fn = variants(points)[name]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_once(fn, depth, feats, backward)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    deltas = [e["args"]["Bytes"] for e in sorted((e for e in events if e.get("name") == "[memory]"),
+                                                 key=lambda e: e["args"]["Ev Idx"])]
+    live = peak = 0
+    for delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return {"peak_live_mib": peak / 2**20}
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.ones(64 * 1024 * 1024 // 4 * 4)  # 256 MiB
     dst = torch.empty_like(src)
@@ -191,6 +221,9 @@ def _child(args) -> None:
     if args.child.startswith("time:"):
         _, batch, name, mode = args.child.split(":")
         print(json.dumps(isolated_timing(int(batch), name, mode == "fwd_bwd", args.repeats)))
+    elif args.child.startswith("live:"):
+        _, batch, name, mode = args.child.split(":")
+        print(json.dumps(live_child(int(batch), name, mode == "fwd_bwd")))
     else:
         batch, name, mode = args.child.split(":")
         print(json.dumps(memory_child(int(batch), name, mode == "fwd_bwd")))
@@ -231,7 +264,9 @@ def main() -> None:
                 # (e.g. 6-7 or 15 MiB for the batch-1 fast forward), so take the median of runs.
                 runs = sorted(_spawn(f"{batch}:{name}:{mode}", args)["peak_delta_mib"]
                               for _ in range(args.memory_runs))
-                memory[f"b{batch}/{name}/{mode}"] = {"peak_delta_mib": runs[len(runs) // 2], "runs_mib": runs}
+                live = _spawn(f"live:{batch}:{name}:{mode}", args)["peak_live_mib"]
+                memory[f"b{batch}/{name}/{mode}"] = {"peak_delta_mib": runs[len(runs) // 2], "runs_mib": runs,
+                                                     "peak_live_mib": live}
     ratios = {}
     for alloc, block in timing.items():
         for batch in args.batches:
@@ -243,6 +278,8 @@ def main() -> None:
         for mode in ("fwd", "fwd_bwd"):
             fast = memory[f"b{batch}/fast/{mode}"]["peak_delta_mib"]
             ratios[f"memory/b{batch}/{mode}/fast_over_index_add"] = fast / memory[f"b{batch}/index_add/{mode}"]["peak_delta_mib"]
+            live = {name: memory[f"b{batch}/{name}/{mode}"]["peak_live_mib"] for name in ("fast", "index_add")}
+            ratios[f"memory_live/b{batch}/{mode}/fast_over_index_add"] = live["fast"] / live["index_add"]
     roofline = {}
     for batch in args.batches:
         elems = batch * N * D * H * W

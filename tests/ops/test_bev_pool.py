@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -66,6 +68,18 @@ def test_cell_index_hand_computed():
     assert (SMALL.ny, SMALL.nx, SMALL.nz) == (12, 8, 1)
 
 
+def test_cell_keys_of_later_samples_stay_exact():
+    # 1000 x 1000 cells: sample 5's keys are past float32's exact integers if formed in float.
+    module = importlib.import_module("bevkit.ops.bev_pool")
+    grid = BEVGridSpec(xbound=(-50.0, 50.0, 0.1), ybound=(-50.0, 50.0, 0.1), zbound=(-5.0, 3.0, 8.0))
+    points = _random_points(1, 2, 3, 2, 4, spread=30.0)[0]
+    table = module._cell_table(grid, 6, points.device)
+    alone = bev_cell_index(points, grid)
+    for k in (1, 5):
+        got = module._flat_cells(points, grid, k, table).long()
+        assert torch.equal(got, torch.where(alone >= 0, alone + k * grid.ny * grid.nx, alone))
+
+
 def test_single_point_lands_in_its_cell():
     depth = torch.ones(1, 1, 1, 1, 1)
     feats = torch.tensor([2.0, -3.0]).view(1, 1, 2, 1, 1)
@@ -106,21 +120,49 @@ def test_fast_and_exportable_match_reference(case, frustum, assert_rel):
             assert_rel(g, r, tol)
 
 
-def test_large_grid_and_batch_use_wide_sort_keys(assert_rel):
-    # 200 x 200 cells per sample is past the 16-bit sort keys; three samples offset their rows.
+def _fwd_bwd_against_reference(points, grid, depth, feats, plan, assert_rel, seed=5):
+    dp, ft = depth.clone().requires_grad_(), feats.clone().requires_grad_()
+    rp, rf = depth.clone().requires_grad_(), feats.clone().requires_grad_()
+    out, ref = bev_pool(dp, ft, plan), bev_pool_reference(rp, rf, points, grid)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(grad)
+    ref.backward(grad)
+    for got, want in ((out.detach(), ref.detach()), (dp.grad, rp.grad), (ft.grad, rf.grad)):
+        assert_rel(got, want, 1e-5)
+
+
+def test_runs_follow_image_columns_on_the_rig(frustum, assert_rel):
+    # Points of one image column at one depth stand above one another: runs are long.
+    points = frustum(depth_bins=16, feat_hw=(8, 22)).float().unsqueeze(0)
+    plan = bev_pool_plan(points, GRID)
+    assert plan.num_entries > 3 * plan.num_runs > 0
+    depth, feats = _inputs(1, 6, 16, 8, 22, c=3)
+    _fwd_bwd_against_reference(points, GRID, depth, feats, plan, assert_rel)
+
+
+def test_runs_at_sample_edges_and_in_chunks(monkeypatch, assert_rel):
+    module = importlib.import_module("bevkit.ops.bev_pool")  # the package exports a function of that name
+    # Sample 0 starts outside the grid, sample 1 starts inside in the same cell as sample 0's last
+    # point; both end in runs that hold trailing outside points. Tiny chunks split the runs.
+    points = _random_points(2, 2, 5, 4, 6, spread=2.0)
+    points[0, 0, 0, 0, 0] = torch.tensor([100.0, 0.0, 0.0])
+    points[1, 0, 0, 0, 0] = points[0, -1, -1, -1, -1] = torch.tensor([0.5, 0.25, 0.0])
+    points[:, :, -1] += 50.0  # the last depth bin of every camera is outside
+    depth, feats = _inputs(2, 2, 5, 4, 6, c=3)
+    monkeypatch.setattr(module, "_RUNS_PER_CHUNK", 3)
+    plan = bev_pool_plan(points, SMALL)
+    assert len(plan.chunks) > 3 and plan.num_entries < depth.numel()
+    _fwd_bwd_against_reference(points, SMALL, depth, feats, plan, assert_rel)
+
+
+def test_large_grid_and_batch_use_wide_keys(assert_rel):
+    # 200 x 200 cells per sample; three samples offset their rows.
     grid = BEVGridSpec(xbound=(-10.0, 10.0, 0.1), ybound=(-10.0, 10.0, 0.1), zbound=(-2.0, 2.0, 4.0))
     points = _random_points(3, 2, 6, 3, 5, spread=6.0)
     depth, feats = _inputs(3, 2, 6, 3, 5, c=4)
     plan = bev_pool_plan(points, grid)
     assert grid.ny * grid.nx >= 2**15 and plan.num_entries > 100
-    dp, ft = depth.clone().requires_grad_(), feats.clone().requires_grad_()
-    rp, rf = depth.clone().requires_grad_(), feats.clone().requires_grad_()
-    out, ref = bev_pool(dp, ft, plan), bev_pool_reference(rp, rf, points, grid)
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5))
-    out.backward(grad)
-    ref.backward(grad)
-    for got, want in ((out.detach(), ref.detach()), (dp.grad, rp.grad), (ft.grad, rf.grad)):
-        assert_rel(got, want, 1e-5)
+    _fwd_bwd_against_reference(points, grid, depth, feats, plan, assert_rel)
 
 
 def test_plan_is_reused_across_calls(frustum, assert_rel):

@@ -56,37 +56,51 @@ class BEVGridSpec:
 
 @dataclass(frozen=True)
 class BEVPoolPlan:
-    """Reusable compressed-row layout of the frustum-to-BEV pooling matrix.
+    """Reusable layout of the frustum-to-BEV pooling: runs of points that share a BEV cell.
 
-    The pooling is ``bev[b, :, cell] = sum_{n,d,h,w in cell} depth[b,n,d,h,w] * feats[b,n,:,h,w]``,
-    i.e. ``out = A @ F`` with ``F`` the features as rows ``(B*N*H*W, C)`` (one row per
-    image pixel) and ``A`` a sparse ``(B*Y*X, B*N*H*W)`` matrix whose stored entries
-    are depth probabilities. Only the *structure* of ``A`` depends on geometry, so
-    it is built once per calibration (or once per augmentation step) and reused.
+    The pooling is ``bev[b, :, cell] = sum_{n,d,h,w in cell} depth[b,n,d,h,w] * feats[b,n,:,h,w]``.
+    Only which cell each frustum point falls in depends on geometry, so the layout is
+    built once per calibration (or once per augmentation step) and reused.
 
-    Frustum points are enumerated pixel-major, ``(b, n, h, w, d)`` with d fastest,
-    which makes ``A.T`` (rows = pixels, D entries each) a compressed-row matrix for free.
+    Frustum points are enumerated in *column order*, ``(b, n, d, w, h)`` with h fastest:
+    the points of one image column at one depth bin stand above one another in the ego
+    frame for a roughly level camera, so consecutive points mostly share a cell. The
+    plan cuts this sequence into *runs*: a run starts at each point inside the grid whose
+    cell differs from the previous point's (and at a sample's first point when it is
+    inside), and also holds the points outside the grid that follow it (they read a zero
+    feature row, so they add nothing). The pooling is
+    then one weighted sum per run, added into the run's cell; runs are taken a chunk at a
+    time, so their sums never take more than a few MiB. Runs are exact for any geometry;
+    only their length, and so the speed, depends on it (about 10 points per run on the
+    nuScenes rig at BEVDet-R50 size).
 
-    Fields (P = B*N*H*W*D frustum points, K = those inside the grid):
-        cell_t (P,) int32: BEV row ``b*Y*X + iy*X + ix`` of each point, -1 outside the grid.
-        order (K,) int32: pixel-major positions of the inside points, stably sorted by row.
-        col (K,) int32: pixel (column of ``A``) of each sorted entry, ``order // D``.
-        crow (B*Y*X + 1,) int32: row pointers of ``A``.
+    Fields (P = B*N*D*H*W frustum points, R runs, Z = B*N*H*W, the zero feature row):
+        col (P,) int32: feature row of each point, pixel ``(b*N + n)*H*W + h*W + w``, or Z
+            for points outside the grid.
+        starts (R + 1,) int32: the first point of each run (0 for the first run), then P.
+        run_row (R,) int64: BEV row of each run.
+        chunks: ``(r0, r1, p0, p1)`` per chunk of runs: runs ``[r0, r1)`` hold points ``[p0, p1)``.
         shape: ``(B, N, D, H, W)`` of the depth tensor the plan was built for.
         grid_shape: ``(Y, X)``.
     """
 
-    cell_t: Tensor
-    order: Tensor
     col: Tensor
-    crow: Tensor
+    starts: Tensor
+    run_row: Tensor
+    chunks: tuple[tuple[int, int, int, int], ...]
     shape: tuple[int, int, int, int, int]
     grid_shape: tuple[int, int]
 
     @property
     def num_entries(self) -> int:
-        """K, the number of stored entries (frustum points inside the grid)."""
-        return int(self.col.numel())
+        """K, the number of frustum points inside the grid."""
+        b, n, _, h, w = self.shape
+        return int((self.col != b * n * h * w).sum())
+
+    @property
+    def num_runs(self) -> int:
+        """R, the number of runs (one or more per cell that any point falls in)."""
+        return int(self.run_row.numel())
 
 
 def bev_cell_index(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
@@ -100,38 +114,80 @@ def bev_cell_index(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
     return _flat_cells(points_ego, grid).long()
 
 
-def _flat_cells(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
-    """int32 ``iy * X + ix`` (or -1 outside the grid) element-wise over any leading shape.
+_RUNS_PER_CHUNK = 4096  # run sums in flight: 4096 rows of C channels (1.3 MiB at C = 80)
+_POINTS_PER_PASS = 1 << 18  # cell keys are computed for whole cameras, at most about this many points at a time
 
-    A point is in cell ``floor((p - lo) / step)`` per axis. The bounds test is done in
-    int32 without comparisons: each index is clamped to [-1, size] (NaN to -1), so
-    ``i | (size - 1 - i)`` has its sign bit set exactly when ``i`` is outside
-    ``[0, size)``; an arithmetic shift turns the sign into an all-ones mask.
+
+def _cell_table(grid: BEVGridSpec, samples: int, device) -> Tensor:
+    """Flat ``(samples, 3, Y + 2, X + 2)`` int32 lookup: ``k*Y*X + iy*X + ix`` inside, -1 on the border.
+
+    Position ``(k, iz + 1, iy + 1, ix + 1)`` answers sample k's point with clamped indices
+    ``iz in {-1, 0, 1}``, ``iy in [-1, Y]``, ``ix in [-1, X]``.
     """
-    if grid.ny * grid.nx >= 2**31:
+    if samples * 3 * (grid.ny + 2) * (grid.nx + 2) >= 2**31:
         raise ValueError("BEV grid too large for int32 cell indices")
-    outside = None
-    index = []
+    table = torch.full((samples, 3, grid.ny + 2, grid.nx + 2), -1, dtype=torch.int32, device=device)
+    cells = torch.arange(samples * grid.ny * grid.nx, dtype=torch.int32, device=device)
+    table[:, 1, 1:-1, 1:-1] = cells.view(samples, grid.ny, grid.nx)
+    return table.view(-1)
+
+
+def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: Tensor | None = None) -> Tensor:
+    """int32 ``sample * Y * X + iy * X + ix`` (or -1 outside the grid) element-wise over any leading shape.
+
+    A point is in cell ``floor((p - lo) / step)`` per axis (the documented binning, bit for
+    bit). All three axes are binned in one pass each over the interleaved ``(..., 3)``
+    coordinates, with per-axis constants tiled along a long inner row. Each index is
+    clamped to ``[-1, size]`` (the z index is then divided by the z size, so every axis
+    ends in ``{-1, inside, size}`` with three z layers); the three are folded into one
+    position of :func:`_cell_table`, which is read once per point. NaN coordinates read -1.
+    ``table`` is ``_cell_table(grid, samples)`` for any ``samples > sample`` (built if None).
+    """
+    if (sample + 1) * grid.ny * grid.nx >= 2**31:
+        raise ValueError("BEV grid too large for int32 cell indices")
+    lead = points_ego.shape[:-1]
+    dtype, device = points_ego.dtype, points_ego.device
+    if points_ego.numel() == 0:
+        return torch.empty(lead, dtype=torch.int32, device=device)
+    if table is None:
+        table = _cell_table(grid, sample + 1, device)
+    inner = lead[-1] * (lead[-2] if len(lead) > 1 else 1)  # points per tiled row
+    sizes = (grid.nx, grid.ny, grid.nz)
     bounds = (grid.xbound, grid.ybound, grid.zbound)
-    for axis, ((lo, _, step), size) in enumerate(zip(bounds, (grid.nx, grid.ny, grid.nz))):
-        q = torch.sub(points_ego[..., axis], lo).div_(step).floor_()  # exact: the documented binning
-        i = q.nan_to_num_(nan=-1.0).clamp_(-1, size).to(torch.int32)
-        del q
-        bad = torch.rsub(i, size - 1).bitwise_or_(i)  # negative iff i == -1 or i == size
-        outside = bad if outside is None else outside.bitwise_or_(bad)
-        if axis < 2:  # z only decides inside / outside
-            index.append(i)
-        del i, bad
-    ix, iy = index
-    return iy.mul_(grid.nx).add_(ix).bitwise_or_(outside.bitwise_right_shift_(31))
+
+    def tiled(values):
+        return torch.tensor(values, dtype=dtype, device=device).repeat(inner)
+
+    scaled = torch.sub(points_ego.reshape(-1, 3 * inner), tiled([b[0] for b in bounds]))
+    scaled.div_(tiled([b[2] for b in bounds])).clamp_(min=-1.0)
+    index = torch.minimum(scaled, tiled(sizes), out=scaled).floor_().view(-1, 3)  # NaN stays NaN
+    del scaled
+    wide_x, wide_y = grid.nx + 2, grid.ny + 2
+    iz = index[:, 2]
+    if grid.nz > 1:  # [0, nz) -> 0, nz -> 1, -1 -> -1: exact for these small integers
+        iz.div_(grid.nz).floor_()
+    # Position in the table; the +1 border shift of the three axes (and the sample's block, while
+    # the positions stay exact integers in the points' float type) are one constant.
+    block = 3 * wide_x * wide_y
+    exact = 2**53 if dtype == torch.float64 else 2**24
+    if block >= exact:  # a huge grid: positions in float64
+        index, iz = index.double(), iz.double()
+    fold = sample if (sample + 1) * block < exact else 0
+    pos = torch.add(index[:, 0], index[:, 1], alpha=wide_x).add_(iz, alpha=wide_x * wide_y)
+    pos.add_((1 + 3 * fold) * wide_x * wide_y + wide_x + 1).nan_to_num_(nan=0.0)  # NaN -> a border entry
+    del index, iz
+    pos = pos.to(torch.int32)
+    if sample != fold:
+        pos.add_(sample * block)
+    return table.index_select(0, pos).view(lead)
 
 
 def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
-    """Build the compressed-row pooling layout from frustum points in the ego frame.
+    """Build the run layout of the pooling from frustum points in the ego frame.
 
-    Cost: one element-wise pass over the points and one stable integer sort of the
-    cell keys (16-bit, per batch sample, when a sample's grid has fewer than 2^15
-    cells, which halves the radix passes); reuse the plan while the geometry is
+    Cost: the cell keys (a few element-wise passes over the points, one batch sample at
+    a time so the temporaries stay one sample's size), one pass marking where runs
+    start, and a few passes over the runs. No sort. Reuse the plan while the geometry is
     unchanged.
 
     Frames: ``points_ego`` are frustum points in the ego frame; rows of the plan are
@@ -146,40 +202,48 @@ def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
     ny, nx = grid.ny, grid.nx
     cells = ny * nx
     num_rows = b * cells
-    per_sample = n * h * w * d
-    if max(b * per_sample, num_rows + 1) >= 2**31 - 1:
+    num_points = b * n * d * h * w
+    num_pix = b * n * h * w
+    if max(num_points, num_rows + 1) >= 2**31 - 1:
         raise ValueError("bev_pool_plan: problem too large for int32 indices")
     device = points_ego.device
-    cell_t = torch.empty(b, n, h, w, d, dtype=torch.int32, device=device)  # pixel-major
-    counts = torch.empty(num_rows, dtype=torch.int64, device=device)
-    orders = []
-    narrow = cells < 2**15 - 1
-    # One sample at a time: the temporaries stay around one sample's size (cache-resident,
-    # and reused by the allocator instead of being faulted in afresh).
+    per_sample = n * d * w * h
+    table = _cell_table(grid, b, device)
+    col = torch.empty(b, n, d, w, h, dtype=torch.int32, device=device)
+    pixel = torch.arange(n * h * w, dtype=torch.int32, device=device).view(n, 1, h, w).transpose(-1, -2)
+    heads, run_rows = [], []
+    group = max(1, min(n, _POINTS_PER_PASS // max(d * w * h, 1)))  # cameras per key pass
+    keys = torch.empty(n, d, w, h, dtype=torch.int32, device=device)  # one sample's, reused
     for k in range(b):
-        key = cell_t[k]
-        key.copy_(_flat_cells(points_ego[k], grid).permute(0, 2, 3, 1))  # (N, H, W, D), -1 outside
-        key = key.view(-1)
-        hist = torch.bincount(key + 1, minlength=cells + 1)  # outside count, then one per cell
-        counts[k * cells:(k + 1) * cells] = hist[1:]
-        # Outside points have key -1, so the sort puts them first, before every real row.
-        order = torch.sort(key.to(torch.int16) if narrow else key, stable=True)[1]
-        order = order[int(hist[0]):].to(torch.int32)
-        orders.append(order.add_(k * per_sample) if k else order)
-        if k:  # global row b*Y*X + iy*X + ix for inside points; -1 stays -1
-            outside = key.bitwise_right_shift(31)  # -1 (all ones) outside, 0 inside
-            key.add_(k * cells).bitwise_or_(outside)
-    crow = torch.zeros(num_rows + 1, dtype=torch.int32, device=device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    order = orders[0] if b == 1 else torch.cat(orders)
-    return BEVPoolPlan(
-        cell_t=cell_t.view(-1),
-        order=order,
-        col=torch.div(order, d, rounding_mode="floor"),
-        crow=crow,
-        shape=(b, n, d, h, w),
-        grid_shape=(ny, nx),
-    )
+        # Keys in column order, a few cameras at a time so that the temporaries stay small.
+        for c0 in range(0, n, group):
+            keys[c0:c0 + group] = _flat_cells(points_ego[k, c0:c0 + group], grid, k, table).transpose(-1, -2)
+        key = keys.view(-1)
+        inside = key >= 0
+        # A run starts where the key changes to a cell. A sample's first point starts one when it
+        # is inside (its key differs from every key of the sample before); point 0 always does.
+        head = torch.ne(key[1:], key[:-1]).logical_and_(inside[1:]).nonzero().view(-1).add_(1)
+        if per_sample and (k == 0 or bool(inside[0])):
+            head = torch.cat((head.new_zeros(1), head))
+        run_rows.append(key.index_select(0, head))
+        heads.append(head.add_(k * per_sample))
+        # Feature row (pixel (b*N + n)*H*W + h*W + w) of each point; Z for points outside.
+        torch.where(inside.view(n, d, w, h), pixel.add(k * n * h * w), pixel.new_tensor(num_pix), out=col[k])
+        del key, inside
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    head = torch.cat(heads) if heads else none
+    run_row = torch.cat(run_rows).long() if run_rows else none
+    if run_row.numel() and int(run_row[0]) < 0:  # point 0 is outside: the first run starts there
+        head, run_row = head[1:], run_row[1:]
+        if head.numel():
+            head[0] = 0
+    num_runs = head.numel()
+    starts = torch.cat((head, head.new_full((1,), num_points))).to(torch.int32)
+    edges = list(range(0, num_runs, _RUNS_PER_CHUNK)) + [num_runs]
+    firsts = starts[edges].tolist()
+    chunks = tuple((r0, r1, p0, p1) for r0, r1, p0, p1 in zip(edges[:-1], edges[1:], firsts[:-1], firsts[1:]))
+    return BEVPoolPlan(col=col.view(-1), starts=starts, run_row=run_row, chunks=chunks,
+                       shape=(b, n, d, h, w), grid_shape=(ny, nx))
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -188,62 +252,108 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
-def _spmm(crow: Tensor, col: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-    """Compressed-row sparse (R, M) times dense (M, C) -> (R, C).
+def _bag_sums(offsets: Tensor, index: Tensor, weights: Tensor, rows: Tensor) -> Tensor:
+    """Weighted sums of row bags: ``out[i] = sum_{j in [offsets[i], offsets[i+1])} weights[j] * rows[index[j]]``.
 
-    Computed as a weighted ``embedding_bag`` sum (one bag per row, the row's stored
-    entries as indices and per-sample weights), which is 2-3x faster on CPU than the
-    CSR ``mm`` for this shape and works unchanged on CUDA.
+    One ``embedding_bag`` call (fused gather and weighted sum, on CPU and CUDA alike).
+
+    Shapes:
+        offsets: (G + 1,)   index, weights: (E,)   rows: (M, C)   returns: (G, C)
     """
-    return torch.nn.functional.embedding_bag(col, dense, crow, mode="sum", per_sample_weights=values,
+    return torch.nn.functional.embedding_bag(index, rows, offsets, mode="sum", per_sample_weights=weights,
                                              include_last_offset=True)
 
 
-class _BEVPoolCSR(torch.autograd.Function):
-    """out = A @ F; backward dF = A.T @ dout and dA = (dout @ F.T) sampled on A's pattern."""
+class _BEVPoolRuns(torch.autograd.Function):
+    """Forward: run sums added into their cells. Backward: the transposed product and sampled dots.
+
+    With the pooling written ``out = A @ F`` (``F`` the feature rows, ``A`` sparse with one
+    entry per point inside the grid), ``dF = A.T @ dout`` is a bag sum per pixel over its D
+    points, and ``d depth`` of a point is its cell's gradient dotted with its pixel's
+    feature row, computed per run by ``torch.sparse.sampled_addmm`` on the runs' own
+    compressed-row pattern.
+    """
 
     @staticmethod
-    def forward(ctx, depth_t, feat_rows, plan, num_rows):
-        # depth_t: (P,) pixel-major depth; feat_rows: (B*N*H*W, C)
-        values = depth_t.detach().index_select(0, plan.order)  # (K,)
-        ctx.save_for_backward(depth_t, feat_rows)
+    def forward(ctx, depth, feats, plan, num_rows):
+        b, n, d, h, w = plan.shape
+        c = feats.shape[2]
+        num_pix = b * n * h * w
+        # Feature rows: one per pixel (b, n, h, w), then a zero row for the points outside the grid.
+        rows = feats.new_empty(num_pix + 1, c)
+        rows[:num_pix].view(b, n, h, w, c).copy_(feats.detach().permute(0, 1, 3, 4, 2))
+        rows[num_pix].zero_()
+        depth_c = depth.detach().transpose(-1, -2).reshape(-1)  # (P,) column order
+        ctx.save_for_backward(depth_c, rows)
         ctx.plan = plan
-        ctx.num_rows = num_rows
-        # Detached: embedding_bag then takes its forward-only path (no backward buffers).
-        return _spmm(plan.crow, plan.col, values, feat_rows.detach())  # (B*Y*X, C)
+        out = feats.new_zeros(num_rows, c)
+        for r0, r1, p0, p1 in plan.chunks:
+            offsets = plan.starts[r0:r1 + 1] - p0
+            runs = _bag_sums(offsets, plan.col[p0:p1], depth_c[p0:p1], rows)  # (r1 - r0, C)
+            out.index_add_(0, plan.run_row[r0:r1], runs)
+            del runs  # before the next chunk's, so that one buffer is reused
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        depth_t, feat_rows = ctx.saved_tensors
-        plan, num_rows = ctx.plan, ctx.num_rows
-        num_pix = feat_rows.shape[0]
-        d = plan.shape[2]
+        depth_c, rows = ctx.saved_tensors
+        plan = ctx.plan
+        b, n, d, h, w = plan.shape
+        num_pix, c = rows.shape[0] - 1, rows.shape[1]
         grad_out = grad_out.contiguous()
-        grad_depth = grad_feat = None
+        grad_depth = grad_feats = None
         if ctx.needs_input_grad[0]:
-            # Entry (cell, pixel) of dout @ F.T on A's own pattern (inside points only): the
-            # cell's gradient dotted with the pixel's feature, scattered back to its point.
-            pattern = _csr(plan.crow, plan.col, depth_t.new_zeros(plan.col.numel()), (num_rows, num_pix))
-            dots = torch.sparse.sampled_addmm(pattern, grad_out, feat_rows.t(), beta=0.0).values()
-            del pattern
-            grad_depth = depth_t.new_zeros(depth_t.shape)
-            grad_depth[plan.order] = dots
-            del dots
-        if ctx.needs_input_grad[1]:
-            # dF = A.T @ dout, with A.T's rows the pixels (D entries each, outside ones weighted 0).
-            crow_t = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_t.device)
-            outside = plan.cell_t < 0
-            weights = depth_t.masked_fill(outside, 0.0)
-            grad_feat = _spmm(crow_t, plan.cell_t.masked_fill(outside, 0), weights, grad_out)  # (B*N*H*W, C)
-        return grad_depth, grad_feat, None, None
+            grad_c = torch.zeros_like(depth_c)  # points before the first run (all outside) keep 0
+            for r0, r1, p0, p1 in plan.chunks:
+                grad_c[p0:p1] = _run_dots(plan.starts[r0:r1 + 1] - p0, plan.col[p0:p1],
+                                          grad_out.index_select(0, plan.run_row[r0:r1]), rows)
+            grad_depth = grad_c.view(b, n, d, w, h).transpose(-1, -2).contiguous()
+            del grad_c
+        if ctx.needs_input_grad[1] and not plan.chunks:  # no point inside the grid
+            grad_feats = torch.zeros_like(rows[:num_pix]).view(b, n, h, w, c).permute(0, 1, 4, 2, 3)
+        elif ctx.needs_input_grad[1]:
+            # dF = A.T @ dout: one bag per pixel (b, n, h, w), its D points, outside ones weighted 0.
+            # Each point's cell is its run's: number the runs along the points.
+            num_points, num_runs = plan.col.numel(), plan.run_row.numel()
+            run_of = torch.zeros(num_points, dtype=torch.int32, device=depth_c.device)
+            run_of[plan.starts[1:num_runs].long()] = 1
+            run_of = run_of.cumsum_(0)  # (P,) column order
+            cells = plan.run_row.to(torch.int32).index_select(0, run_of)
+            del run_of
+            index = cells.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1)  # (B*N*H*W*D,) pixel-major
+            outside = plan.col.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1) == num_pix
+            weights = depth_c.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1).masked_fill_(outside, 0.0)
+            del cells, outside
+            offsets = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_c.device)
+            grad_rows = _bag_sums(offsets, index, weights, grad_out)  # (B*N*H*W, C)
+            del index, weights
+            grad_feats = grad_rows.view(b, n, h, w, c).permute(0, 1, 4, 2, 3)  # channels-last memory
+        return grad_depth, grad_feats, None, None
+
+
+def _run_dots(offsets: Tensor, col: Tensor, grad_runs: Tensor, rows: Tensor) -> Tensor:
+    """Per point, its run's gradient row dotted with its feature row (points of the zero row get 0).
+
+    Shapes:
+        offsets: (G + 1,) run offsets from 0   col: (E,)   grad_runs: (G, C)   rows: (M, C)
+        returns: (E,)
+    """
+    num_points, num_cols = col.numel(), rows.shape[0]
+    spare = -(-num_points // num_cols) - grad_runs.shape[0]
+    if spare > 0:  # sampled_addmm wants nnz <= rows * cols: pad with empty rows
+        offsets = torch.cat((offsets, offsets.new_full((spare,), num_points)))
+        grad_runs = torch.cat((grad_runs, grad_runs.new_zeros(spare, grad_runs.shape[1])))
+    pattern = _csr(offsets, col, rows.new_zeros(num_points), (grad_runs.shape[0], num_cols))
+    return torch.sparse.sampled_addmm(pattern, grad_runs, rows.t(), beta=0.0).values()
 
 
 def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
-    """Fast lift-splat pooling as a compressed-row sparse-times-dense product.
+    """Fast lift-splat pooling: weighted sums over runs of points that share a BEV cell.
 
-    Never materialises the (B, N, D, H, W, C) frustum: each stored entry of the
-    sparse pooling matrix is one depth probability, and the product streams
-    feature rows into BEV rows. Differentiable in ``depth`` and ``feats``.
+    Never materialises the (B, N, D, H, W, C) frustum: per chunk of runs, one weighted
+    ``embedding_bag`` sums each run's feature rows with its depth probabilities (about a
+    tenth as many run sums as points), and one ``index_add_`` adds the sums into their
+    cells. Differentiable in ``depth`` and ``feats``.
 
     Frames: features live on image pixels of each camera; the output is on the
     BEV grid of the plan (cell ``(iy, ix)``, X along ego forward, Y along ego left).
@@ -258,9 +368,7 @@ def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
         raise ValueError(f"depth and feats must have the same dtype, got {depth.dtype} and {feats.dtype}")
     c = feats.shape[2]
     ny, nx = plan.grid_shape
-    feat_rows = feats.permute(0, 1, 3, 4, 2).reshape(b * n * h * w, c)  # (B*N*H*W, C)
-    depth_t = depth.permute(0, 1, 3, 4, 2).reshape(-1)  # (B*N*H*W*D,) pixel-major
-    out = _BEVPoolCSR.apply(depth_t, feat_rows, plan, b * ny * nx)  # (B*Y*X, C)
+    out = _BEVPoolRuns.apply(depth, feats, plan, b * ny * nx)  # (B*Y*X, C)
     return out.view(b, ny, nx, c).permute(0, 3, 1, 2)  # channels-last memory, no copy
 
 
