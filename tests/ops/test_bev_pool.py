@@ -65,6 +65,7 @@ def test_cell_index_hand_computed():
         [-4.0001, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -2.0],
     ]).view(1, 1, 10, 1, 1, 3)
     assert bev_cell_index(odd, SMALL).view(-1).tolist() == [-1] * 9 + [6 * 8 + 4]
+    assert bev_cell_index(torch.tensor([0.5, 0.25, 1.9]), SMALL).item() == 6 * 8 + 4  # a single point
     assert (SMALL.ny, SMALL.nx, SMALL.nz) == (12, 8, 1)
 
 
@@ -78,6 +79,31 @@ def test_cell_keys_of_later_samples_stay_exact():
     for k in (1, 5):
         got = module._flat_cells(points, grid, k, table).long()
         assert torch.equal(got, torch.where(alone >= 0, alone + k * grid.ny * grid.nx, alone))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cell_keys_in_half_precision(dtype):
+    # Cell centres of a 32 x 32 grid: their table positions pass the integers half floats hold.
+    centres = torch.arange(GRID.nx) * 3.2 - 51.2 + 1.6
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    points = torch.stack((x, y, torch.zeros_like(x)), -1).view(1, 1, 1, GRID.ny, GRID.nx, 3)
+    want = torch.arange(GRID.ny * GRID.nx).view(1, 1, 1, GRID.ny, GRID.nx)
+    assert torch.equal(bev_cell_index(points.to(dtype), GRID), want)
+
+
+def test_backward_leaves_a_viewed_depth_alone():
+    # With H = W = 1 the column-order depth is a view of the caller's tensor; a softmax output
+    # must survive the backward untouched (a second backward would fail otherwise).
+    points = torch.zeros(1, 2, 4, 1, 1, 3)
+    points[0, 0, :2] = 100.0  # some points outside the grid
+    logits = torch.randn(1, 2, 4, 1, 1, requires_grad=True)
+    feats = torch.randn(1, 2, 3, 1, 1, requires_grad=True)
+    depth = logits.softmax(2)
+    before = depth.detach().clone()
+    out = bev_pool(depth, feats, bev_pool_plan(points, SMALL))
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    assert torch.equal(depth.detach(), before) and logits.grad.abs().sum() > 0
 
 
 def test_single_point_lands_in_its_cell():

@@ -114,7 +114,7 @@ def bev_cell_index(points_ego: Tensor, grid: BEVGridSpec) -> Tensor:
     return _flat_cells(points_ego, grid).long()
 
 
-_RUNS_PER_CHUNK = 4096  # run sums in flight: 4096 rows of C channels (1.3 MiB at C = 80)
+_RUNS_PER_CHUNK = 4096  # run sums in flight: 4096 rows of C channels (1.25 MiB at C = 80)
 _POINTS_PER_PASS = 1 << 18  # cell keys are computed for whole cameras, at most about this many points at a time
 
 
@@ -151,7 +151,7 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
         return torch.empty(lead, dtype=torch.int32, device=device)
     if table is None:
         table = _cell_table(grid, sample + 1, device)
-    inner = lead[-1] * (lead[-2] if len(lead) > 1 else 1)  # points per tiled row
+    inner = lead[-1] * (lead[-2] if len(lead) > 1 else 1) if lead else 1  # points per tiled row
     sizes = (grid.nx, grid.ny, grid.nz)
     bounds = (grid.xbound, grid.ybound, grid.zbound)
 
@@ -169,9 +169,13 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
     # Position in the table; the +1 border shift of the three axes (and the sample's block, while
     # the positions stay exact integers in the points' float type) are one constant.
     block = 3 * wide_x * wide_y
-    exact = 2**53 if dtype == torch.float64 else 2**24
+    if dtype in (torch.float16, torch.bfloat16):  # too few integers are exact: positions in float32
+        index = index.float()
+        iz = index[:, 2]
+    exact = 2**53 if index.dtype == torch.float64 else 2**24
     if block >= exact:  # a huge grid: positions in float64
-        index, iz = index.double(), iz.double()
+        index = index.double()
+        iz = index[:, 2]
     fold = sample if (sample + 1) * block < exact else 0
     pos = torch.add(index[:, 0], index[:, 1], alpha=wide_x).add_(iz, alpha=wide_x * wide_y)
     pos.add_((1 + 3 * fold) * wide_x * wide_y + wide_x + 1).nan_to_num_(nan=0.0)  # NaN -> a border entry
@@ -269,9 +273,9 @@ class _BEVPoolRuns(torch.autograd.Function):
 
     With the pooling written ``out = A @ F`` (``F`` the feature rows, ``A`` sparse with one
     entry per point inside the grid), ``dF = A.T @ dout`` is a bag sum per pixel over its D
-    points, and ``d depth`` of a point is its cell's gradient dotted with its pixel's
-    feature row, computed per run by ``torch.sparse.sampled_addmm`` on the runs' own
-    compressed-row pattern.
+    points, each reading its run's cell gradient, and ``d depth`` of a point is that
+    gradient dotted with its pixel's feature row (``torch.sparse.sampled_addmm`` on a
+    compressed-row pattern with one row per pixel and its D runs as sorted columns).
     """
 
     @staticmethod
@@ -300,51 +304,39 @@ class _BEVPoolRuns(torch.autograd.Function):
         plan = ctx.plan
         b, n, d, h, w = plan.shape
         num_pix, c = rows.shape[0] - 1, rows.shape[1]
-        grad_out = grad_out.contiguous()
+        need_depth, need_feats = ctx.needs_input_grad[:2]
+        if not plan.chunks:  # no point inside the grid
+            return (depth_c.new_zeros(b, n, d, h, w) if need_depth else None,
+                    rows.new_zeros(b, n, c, h, w) if need_feats else None, None, None)
+        # Every point reads its run's cell gradient. Number the runs along the points (column
+        # order), then list the points pixel-major: D per pixel, whose runs never decrease.
+        num_points, num_runs = plan.col.numel(), plan.run_row.numel()
+        run_of = torch.zeros(num_points, dtype=torch.int32, device=depth_c.device)
+        run_of[plan.starts[1:num_runs].long()] = 1
+        by_pixel = run_of.cumsum_(0).view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1)  # (P,) (b, n, h, w, d)
+        del run_of
+        inside = plan.col.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1) != num_pix
+        grad_runs = grad_out.contiguous().index_select(0, plan.run_row)  # (R, C)
+        bags = torch.arange(0, num_points + 1, d, dtype=torch.int32, device=depth_c.device)  # D per pixel
         grad_depth = grad_feats = None
-        if ctx.needs_input_grad[0]:
-            grad_c = torch.zeros_like(depth_c)  # points before the first run (all outside) keep 0
-            for r0, r1, p0, p1 in plan.chunks:
-                grad_c[p0:p1] = _run_dots(plan.starts[r0:r1 + 1] - p0, plan.col[p0:p1],
-                                          grad_out.index_select(0, plan.run_row[r0:r1]), rows)
-            grad_depth = grad_c.view(b, n, d, w, h).transpose(-1, -2).contiguous()
-            del grad_c
-        if ctx.needs_input_grad[1] and not plan.chunks:  # no point inside the grid
-            grad_feats = torch.zeros_like(rows[:num_pix]).view(b, n, h, w, c).permute(0, 1, 4, 2, 3)
-        elif ctx.needs_input_grad[1]:
-            # dF = A.T @ dout: one bag per pixel (b, n, h, w), its D points, outside ones weighted 0.
-            # Each point's cell is its run's: number the runs along the points.
-            num_points, num_runs = plan.col.numel(), plan.run_row.numel()
-            run_of = torch.zeros(num_points, dtype=torch.int32, device=depth_c.device)
-            run_of[plan.starts[1:num_runs].long()] = 1
-            run_of = run_of.cumsum_(0)  # (P,) column order
-            cells = plan.run_row.to(torch.int32).index_select(0, run_of)
-            del run_of
-            index = cells.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1)  # (B*N*H*W*D,) pixel-major
-            outside = plan.col.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1) == num_pix
-            weights = depth_c.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1).masked_fill_(outside, 0.0)
-            del cells, outside
-            offsets = torch.arange(0, num_pix * d + 1, d, dtype=torch.int32, device=depth_c.device)
-            grad_rows = _bag_sums(offsets, index, weights, grad_out)  # (B*N*H*W, C)
-            del index, weights
+        if need_depth:
+            # d depth of a point = its pixel's feature row . its run's gradient: dout @ F.T sampled on a
+            # pattern whose rows are the pixels (sorted columns); points outside the grid get 0.
+            if num_runs < d:  # sampled_addmm wants nnz <= rows * cols: pad with zero runs
+                grad_runs = torch.cat((grad_runs, grad_runs.new_zeros(d - num_runs, c)))
+            pattern = _csr(bags, by_pixel, rows.new_zeros(num_points), (num_pix, grad_runs.shape[0]))
+            dots = torch.sparse.sampled_addmm(pattern, rows[:num_pix], grad_runs.t(), beta=0.0).values()
+            del pattern
+            grad_depth = torch.where(inside, dots, 0.0).view(b, n, h, w, d).permute(0, 1, 4, 2, 3).contiguous()
+            del dots
+            grad_runs = grad_runs[:num_runs]
+        if need_feats:
+            # dF = A.T @ dout: one bag per pixel over its D points, points outside the grid weighted 0.
+            depth_px = depth_c.view(b * n, d, w, h).permute(0, 3, 2, 1).reshape(-1)
+            weights = torch.where(inside, depth_px, 0.0)  # out of place: depth_px may view the caller's depth
+            grad_rows = _bag_sums(bags, by_pixel, weights, grad_runs)  # (B*N*H*W, C)
             grad_feats = grad_rows.view(b, n, h, w, c).permute(0, 1, 4, 2, 3)  # channels-last memory
         return grad_depth, grad_feats, None, None
-
-
-def _run_dots(offsets: Tensor, col: Tensor, grad_runs: Tensor, rows: Tensor) -> Tensor:
-    """Per point, its run's gradient row dotted with its feature row (points of the zero row get 0).
-
-    Shapes:
-        offsets: (G + 1,) run offsets from 0   col: (E,)   grad_runs: (G, C)   rows: (M, C)
-        returns: (E,)
-    """
-    num_points, num_cols = col.numel(), rows.shape[0]
-    spare = -(-num_points // num_cols) - grad_runs.shape[0]
-    if spare > 0:  # sampled_addmm wants nnz <= rows * cols: pad with empty rows
-        offsets = torch.cat((offsets, offsets.new_full((spare,), num_points)))
-        grad_runs = torch.cat((grad_runs, grad_runs.new_zeros(spare, grad_runs.shape[1])))
-    pattern = _csr(offsets, col, rows.new_zeros(num_points), (grad_runs.shape[0], num_cols))
-    return torch.sparse.sampled_addmm(pattern, grad_runs, rows.t(), beta=0.0).values()
 
 
 def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
@@ -353,7 +345,9 @@ def bev_pool(depth: Tensor, feats: Tensor, plan: BEVPoolPlan) -> Tensor:
     Never materialises the (B, N, D, H, W, C) frustum: per chunk of runs, one weighted
     ``embedding_bag`` sums each run's feature rows with its depth probabilities (about a
     tenth as many run sums as points), and one ``index_add_`` adds the sums into their
-    cells. Differentiable in ``depth`` and ``feats``.
+    cells. Differentiable in ``depth`` and ``feats``. A point outside the grid multiplies
+    its depth by a zero feature row, so a non-finite depth there (which the reference
+    ignores) turns its run's cell into NaN.
 
     Frames: features live on image pixels of each camera; the output is on the
     BEV grid of the plan (cell ``(iy, ix)``, X along ego forward, Y along ego left).
