@@ -240,3 +240,12 @@ def test_fast_on_cuda_matches_cpu(cuda_device, frustum, assert_rel):
     plan = bev_pool_plan(points.to(cuda_device), GRID)
     got = bev_pool(depth.to(cuda_device), feats.to(cuda_device), plan)
     assert_rel(got.cpu(), expected, 1e-5)
+    # Gradients too: the backward's compressed-row pattern and bags run on the GPU's kernels.
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(7))
+    rp, rf = depth.clone().requires_grad_(), feats.clone().requires_grad_()
+    bev_pool_reference(rp, rf, points, GRID).backward(grad)
+    dp = depth.to(cuda_device).requires_grad_()
+    ft = feats.to(cuda_device).requires_grad_()
+    bev_pool(dp, ft, plan).backward(grad.to(cuda_device))
+    assert_rel(dp.grad.cpu(), rp.grad, 1e-5)
+    assert_rel(ft.grad.cpu(), rf.grad, 1e-5)
