@@ -224,10 +224,10 @@ def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
             keys[c0:c0 + group] = _flat_cells(points_ego[k, c0:c0 + group], grid, k, table).transpose(-1, -2)
         key = keys.view(-1)
         inside = key >= 0
-        # A run starts where the key changes to a cell. A sample's first point starts one when it
-        # is inside (its key differs from every key of the sample before); point 0 always does.
+        # A run starts where the key changes to a cell, and at a sample's first point when it is
+        # inside (its key differs from every key of the sample before).
         head = torch.ne(key[1:], key[:-1]).logical_and_(inside[1:]).nonzero().view(-1).add_(1)
-        if per_sample and (k == 0 or bool(inside[0])):
+        if per_sample and bool(inside[0]):
             head = torch.cat((head.new_zeros(1), head))
         run_rows.append(key.index_select(0, head))
         heads.append(head.add_(k * per_sample))
@@ -237,11 +237,9 @@ def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
     none = torch.zeros(0, dtype=torch.int64, device=device)
     head = torch.cat(heads) if heads else none
     run_row = torch.cat(run_rows).long() if run_rows else none
-    if run_row.numel() and int(run_row[0]) < 0:  # point 0 is outside: the first run starts there
-        head, run_row = head[1:], run_row[1:]
-        if head.numel():
-            head[0] = 0
     num_runs = head.numel()
+    if num_runs:  # the first run also holds the points outside the grid before it
+        head[0] = 0
     starts = torch.cat((head, head.new_full((1,), num_points))).to(torch.int32)
     edges = list(range(0, num_runs, _RUNS_PER_CHUNK)) + [num_runs]
     firsts = starts[edges].tolist()
