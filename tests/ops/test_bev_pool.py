@@ -140,6 +140,7 @@ def test_fast_and_exportable_match_reference(case, frustum, assert_rel):
         assert plan.num_entries > 0.2 * depth.numel()  # real geometry fills the grid
     if case in ("all_outside", "empty"):
         assert plan.num_entries == 0 and ref[0].abs().max() == 0
+        assert plan.num_runs == 0 and plan.starts.tolist() == [depth.numel()]
     for name, got in results.items():
         tol = 1e-4 if name == "cumsum" else 1e-5  # the cumsum trick differences prefix sums
         for g, r in zip(got, ref):
@@ -189,6 +190,21 @@ def test_large_grid_and_batch_use_wide_keys(assert_rel):
     plan = bev_pool_plan(points, grid)
     assert grid.ny * grid.nx >= 2**15 and plan.num_entries > 100
     _fwd_bwd_against_reference(points, grid, depth, feats, plan, assert_rel)
+
+
+def test_plan_constants_are_made_once_and_left_alone(assert_rel):
+    module = importlib.import_module("bevkit.ops.bev_pool")
+    grid = BEVGridSpec(xbound=(-6.0, 6.0, 0.75), ybound=(-6.0, 6.0, 0.75), zbound=(-2.0, 2.0, 4.0))
+    points = _random_points(2, 2, 5, 4, 6, spread=3.0)
+    with torch.inference_mode():  # the grid's constants are first made here
+        first = bev_pool_plan(points, grid)
+    table = module._cell_table(grid, 2, points.device)
+    assert table is module._cell_table(grid, 2, points.device) and not table.is_inference()
+    before = table.clone()
+    depth, feats = _inputs(2, 2, 5, 4, 6, c=3)
+    plan = bev_pool_plan(points, grid)
+    _fwd_bwd_against_reference(points, grid, depth, feats, plan, assert_rel)
+    assert torch.equal(table, before) and torch.equal(first.col, plan.col) and torch.equal(first.starts, plan.starts)
 
 
 def test_plan_is_reused_across_calls(frustum, assert_rel):

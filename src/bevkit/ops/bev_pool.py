@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -118,18 +119,53 @@ _RUNS_PER_CHUNK = 4096  # run sums in flight: 4096 rows of C channels (1.25 MiB 
 _POINTS_PER_PASS = 1 << 18  # cell keys are computed for whole cameras, at most about this many points at a time
 
 
+def _cached(build):
+    """``build`` memoised per argument tuple: for the small constant tensors of the plan (built
+    with autograd and inference mode off, shared, never written to). While a graph is traced or
+    exported, tensors are made fresh instead, so that no symbolic tensor is ever kept."""
+    memo = functools.lru_cache(maxsize=8)(build)
+    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+    @functools.wraps(build)
+    def get(*args):
+        if torch.compiler.is_compiling() or is_exporting():
+            return build(*args)
+        with torch.inference_mode(False), torch.no_grad():
+            return memo(*args)
+
+    return get
+
+
 def _cell_table(grid: BEVGridSpec, samples: int, device) -> Tensor:
     """Flat ``(samples, 3, Y + 2, X + 2)`` int32 lookup: ``k*Y*X + iy*X + ix`` inside, -1 on the border.
 
     Position ``(k, iz + 1, iy + 1, ix + 1)`` answers sample k's point with clamped indices
-    ``iz in {-1, 0, 1}``, ``iy in [-1, Y]``, ``ix in [-1, X]``.
+    ``iz in {-1, 0, 1}``, ``iy in [-1, Y]``, ``ix in [-1, X]``. Made once per grid size, batch
+    size and device (at most 0.8 MiB for four samples of 128 x 128).
     """
     if samples * 3 * (grid.ny + 2) * (grid.nx + 2) >= 2**31:
         raise ValueError("BEV grid too large for int32 cell indices")
-    table = torch.full((samples, 3, grid.ny + 2, grid.nx + 2), -1, dtype=torch.int32, device=device)
-    cells = torch.arange(samples * grid.ny * grid.nx, dtype=torch.int32, device=device)
-    table[:, 1, 1:-1, 1:-1] = cells.view(samples, grid.ny, grid.nx)
+    return _cell_table_of(grid.ny, grid.nx, samples, torch.device(device))
+
+
+@_cached
+def _cell_table_of(ny: int, nx: int, samples: int, device: torch.device) -> Tensor:
+    table = torch.full((samples, 3, ny + 2, nx + 2), -1, dtype=torch.int32, device=device)
+    cells = torch.arange(samples * ny * nx, dtype=torch.int32, device=device)
+    table[:, 1, 1:-1, 1:-1] = cells.view(samples, ny, nx)
     return table.view(-1)
+
+
+@_cached
+def _binning_rows(grid_key: tuple, inner: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """Per-axis binning constants tiled along rows of ``inner`` interleaved (x, y, z) points:
+    lower bounds, steps, and the clamp range ``[-1, size]``, each ``(3 * inner,)``."""
+    lows, steps, sizes = grid_key
+
+    def tiled(values):
+        return torch.tensor(values, dtype=dtype, device=device).repeat(inner)
+
+    return tiled(lows), tiled(steps), tiled([-1.0] * 3), tiled(sizes)
 
 
 def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: Tensor | None = None) -> Tensor:
@@ -152,15 +188,12 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
     if table is None:
         table = _cell_table(grid, sample + 1, device)
     inner = lead[-1] * (lead[-2] if len(lead) > 1 else 1) if lead else 1  # points per tiled row
-    sizes = (grid.nx, grid.ny, grid.nz)
     bounds = (grid.xbound, grid.ybound, grid.zbound)
-
-    def tiled(values):
-        return torch.tensor(values, dtype=dtype, device=device).repeat(inner)
-
-    scaled = torch.sub(points_ego.reshape(-1, 3 * inner), tiled([b[0] for b in bounds]))
-    scaled.div_(tiled([b[2] for b in bounds])).clamp_(min=-1.0)
-    index = torch.minimum(scaled, tiled(sizes), out=scaled).floor_().view(-1, 3)  # NaN stays NaN
+    grid_key = (tuple(float(b[0]) for b in bounds), tuple(float(b[2]) for b in bounds), (grid.nx, grid.ny, grid.nz))
+    lows, steps, floor_at, ceil_at = _binning_rows(grid_key, inner, dtype, device)
+    scaled = torch.sub(points_ego.reshape(-1, 3 * inner), lows)
+    scaled.div_(steps)
+    index = torch.clamp(scaled, floor_at, ceil_at, out=scaled).floor_().view(-1, 3)  # NaN stays NaN
     del scaled
     wide_x, wide_y = grid.nx + 2, grid.ny + 2
     iz = index[:, 2]
@@ -226,21 +259,28 @@ def bev_pool_plan(points_ego: Tensor, grid: BEVGridSpec) -> BEVPoolPlan:
         inside = key >= 0
         # A run starts where the key changes to a cell, and at a sample's first point when it is
         # inside (its key differs from every key of the sample before).
-        head = torch.ne(key[1:], key[:-1]).logical_and_(inside[1:]).nonzero().view(-1).add_(1)
-        if per_sample and bool(inside[0]):
-            head = torch.cat((head.new_zeros(1), head))
+        head = torch.empty_like(inside)
+        torch.ne(key[1:], key[:-1], out=head[1:])
+        head[:1] = True
+        head = head.logical_and_(inside).nonzero().view(-1)
         run_rows.append(key.index_select(0, head))
-        heads.append(head.add_(k * per_sample))
+        heads.append(head.add_(k * per_sample) if k else head)
         # Feature row (pixel (b*N + n)*H*W + h*W + w) of each point; Z for points outside.
-        torch.where(inside.view(n, d, w, h), pixel.add(k * n * h * w), pixel.new_tensor(num_pix), out=col[k])
+        torch.where(inside.view(n, d, w, h), pixel.add(k * n * h * w) if k else pixel, pixel.new_tensor(num_pix),
+                    out=col[k])
         del key, inside
-    none = torch.zeros(0, dtype=torch.int64, device=device)
-    head = torch.cat(heads) if heads else none
-    run_row = torch.cat(run_rows).long() if run_rows else none
+    if b == 1:
+        head, run_row = heads[0], run_rows[0].long()
+    else:
+        none = torch.zeros(0, dtype=torch.int64, device=device)
+        head = torch.cat(heads) if heads else none
+        run_row = torch.cat(run_rows).long() if run_rows else none
     num_runs = head.numel()
-    if num_runs:  # the first run also holds the points outside the grid before it
-        head[0] = 0
-    starts = torch.cat((head, head.new_full((1,), num_points))).to(torch.int32)
+    starts = torch.empty(num_runs + 1, dtype=torch.int32, device=device)
+    starts[:num_runs] = head
+    starts[num_runs:] = num_points
+    if num_runs:
+        starts[:1] = 0  # the first run also holds the points outside the grid before it
     edges = list(range(0, num_runs, _RUNS_PER_CHUNK)) + [num_runs]
     firsts = starts[edges].tolist()
     chunks = tuple((r0, r1, p0, p1) for r0, r1, p0, p1 in zip(edges[:-1], edges[1:], firsts[:-1], firsts[1:]))
