@@ -205,6 +205,42 @@ def test_plan_constants_are_made_once_and_left_alone(assert_rel):
     plan = bev_pool_plan(points, grid)
     _fwd_bwd_against_reference(points, grid, depth, feats, plan, assert_rel)
     assert torch.equal(table, before) and torch.equal(first.col, plan.col) and torch.equal(first.starts, plan.starts)
+    rows = module._binning_rows(((-6.0, -6.0, -2.0), (0.75, 0.75, 4.0), (16, 16, 1)), 24, torch.float32, table.device)
+    assert not any(r.is_inference() for r in rows) and rows[3][:3].tolist() == [16.0, 16.0, 1.0]
+    module._cell_table_of.cache_clear()
+    assert module._cell_table(grid, 2, points.device) is not table
+
+
+def test_plan_constants_are_not_kept_from_fake_tensor_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = importlib.import_module("bevkit.ops.bev_pool")
+    grid = BEVGridSpec(xbound=(-5.0, 5.0, 0.625), ybound=(-5.0, 5.0, 0.625), zbound=(-2.0, 2.0, 4.0))
+    points = _random_points(1, 2, 3, 4, 5, spread=3.0)
+    module._cell_table_of.cache_clear()
+    module._binning_rows.cache_clear()
+    with FakeTensorMode() as mode:
+        assert bev_cell_index(mode.from_tensor(points), grid).shape == points.shape[:-1]
+    got = bev_cell_index(points, grid)  # real tensors after the trace, from a real cache
+    ix, iy = ((points[..., 0] + 5.0) / 0.625).floor(), ((points[..., 1] + 5.0) / 0.625).floor()
+    inside = (ix >= 0) & (ix < 16) & (iy >= 0) & (iy < 16) & (points[..., 2] >= -2.0) & (points[..., 2] < 2.0)
+    assert torch.equal(got, torch.where(inside, iy * 16 + ix, -1).long())
+
+
+def test_cell_keys_of_bfloat16_points_on_a_wide_grid():
+    # 301 cells a side: past the integers bfloat16 holds, so the clamp bound must not round.
+    grid = BEVGridSpec(xbound=(-150.5, 150.5, 1.0), ybound=(-150.5, 150.5, 1.0), zbound=(-2.0, 2.0, 4.0))
+    points = torch.tensor([[1e4, 0.0, 0.0], [-1e4, 0.0, 0.0], [149.0, 0.0, 0.0], [0.0, 149.0, 0.0]])
+    want = bev_cell_index(points.to(torch.bfloat16).float(), grid)
+    assert torch.equal(bev_cell_index(points.to(torch.bfloat16), grid), want)
+    assert want[:2].tolist() == [-1, -1] and want[2:].tolist() == [150 * 301 + 299, 299 * 301 + 150]
+
+
+def test_plan_accepts_points_that_require_grad(assert_rel):
+    points = _random_points(1, 2, 5, 4, 6, spread=2.0).requires_grad_()
+    depth, feats = _inputs(1, 2, 5, 4, 6, c=3)
+    plan = bev_pool_plan(points, SMALL)
+    _fwd_bwd_against_reference(points.detach(), SMALL, depth, feats, plan, assert_rel)
 
 
 def test_plan_is_reused_across_calls(frustum, assert_rel):

@@ -119,20 +119,36 @@ _RUNS_PER_CHUNK = 4096  # run sums in flight: 4096 rows of C channels (1.25 MiB 
 _POINTS_PER_PASS = 1 << 18  # cell keys are computed for whole cameras, at most about this many points at a time
 
 
+_CACHED_ELEMENTS = 1 << 20  # constants larger than this (4 MiB of int32) are made per call
+
+
+def _tracing() -> bool:
+    """Whether tensors made now may be symbolic or bound to a trace: while compiling, exporting,
+    under any dispatch mode (fake tensors, ``make_fx``, FLOP counters), or capturing a CUDA graph."""
+    return (torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+            or torch._C._len_torch_dispatch_stack() > 0
+            or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
+
+
 def _cached(build):
-    """``build`` memoised per argument tuple: for the small constant tensors of the plan (built
-    with autograd and inference mode off, shared, never written to). While a graph is traced or
-    exported, tensors are made fresh instead, so that no symbolic tensor is ever kept."""
-    memo = functools.lru_cache(maxsize=8)(build)
-    is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+    """``build`` memoised per argument tuple, for the small constant tensors of the plan: made with
+    autograd and inference mode off, shared, never written to, at most four kept per builder
+    (``cache_clear()`` frees them). While tracing (see ``_tracing``), with unhashable (symbolic)
+    arguments, or for results over ``_CACHED_ELEMENTS`` elements, tensors are made fresh."""
+    memo = functools.lru_cache(maxsize=4)(build)
 
     @functools.wraps(build)
-    def get(*args):
-        if torch.compiler.is_compiling() or is_exporting():
+    def get(*args, elements: int = 0):
+        if elements > _CACHED_ELEMENTS or _tracing():
+            return build(*args)
+        try:
+            hash(args)
+        except TypeError:
             return build(*args)
         with torch.inference_mode(False), torch.no_grad():
             return memo(*args)
 
+    get.cache_clear = memo.cache_clear
     return get
 
 
@@ -140,12 +156,17 @@ def _cell_table(grid: BEVGridSpec, samples: int, device) -> Tensor:
     """Flat ``(samples, 3, Y + 2, X + 2)`` int32 lookup: ``k*Y*X + iy*X + ix`` inside, -1 on the border.
 
     Position ``(k, iz + 1, iy + 1, ix + 1)`` answers sample k's point with clamped indices
-    ``iz in {-1, 0, 1}``, ``iy in [-1, Y]``, ``ix in [-1, X]``. Made once per grid size, batch
-    size and device (at most 0.8 MiB for four samples of 128 x 128).
+    ``iz in {-1, 0, 1}``, ``iy in [-1, Y]``, ``ix in [-1, X]``. Kept per grid size, batch size
+    and device when it has at most ``_CACHED_ELEMENTS`` entries (0.8 MiB for four samples of
+    128 x 128).
     """
-    if samples * 3 * (grid.ny + 2) * (grid.nx + 2) >= 2**31:
+    size = samples * 3 * (grid.ny + 2) * (grid.nx + 2)
+    if size >= 2**31:
         raise ValueError("BEV grid too large for int32 cell indices")
-    return _cell_table_of(grid.ny, grid.nx, samples, torch.device(device))
+    device = torch.device(device)
+    if device.index is None and device.type != "cpu":  # one key per physical device
+        device = torch.empty(0, device=device).device
+    return _cell_table_of(grid.ny, grid.nx, samples, device, elements=size)
 
 
 @_cached
@@ -181,6 +202,11 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
     """
     if (sample + 1) * grid.ny * grid.nx >= 2**31:
         raise ValueError("BEV grid too large for int32 cell indices")
+    points_ego = points_ego.detach()  # cell indices have no gradient
+    if points_ego.dtype in (torch.float16, torch.bfloat16):
+        # Binned in float32: half floats hold too few integers for the clamp bounds (a grid
+        # side past 256 cells in bfloat16) and the table positions.
+        points_ego = points_ego.float()
     lead = points_ego.shape[:-1]
     dtype, device = points_ego.dtype, points_ego.device
     if points_ego.numel() == 0:
@@ -190,7 +216,7 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
     inner = lead[-1] * (lead[-2] if len(lead) > 1 else 1) if lead else 1  # points per tiled row
     bounds = (grid.xbound, grid.ybound, grid.zbound)
     grid_key = (tuple(float(b[0]) for b in bounds), tuple(float(b[2]) for b in bounds), (grid.nx, grid.ny, grid.nz))
-    lows, steps, floor_at, ceil_at = _binning_rows(grid_key, inner, dtype, device)
+    lows, steps, floor_at, ceil_at = _binning_rows(grid_key, inner, dtype, device, elements=12 * inner)
     scaled = torch.sub(points_ego.reshape(-1, 3 * inner), lows)
     scaled.div_(steps)
     index = torch.clamp(scaled, floor_at, ceil_at, out=scaled).floor_().view(-1, 3)  # NaN stays NaN
@@ -202,9 +228,6 @@ def _flat_cells(points_ego: Tensor, grid: BEVGridSpec, sample: int = 0, table: T
     # Position in the table; the +1 border shift of the three axes (and the sample's block, while
     # the positions stay exact integers in the points' float type) are one constant.
     block = 3 * wide_x * wide_y
-    if dtype in (torch.float16, torch.bfloat16):  # too few integers are exact: positions in float32
-        index = index.float()
-        iz = index[:, 2]
     exact = 2**53 if index.dtype == torch.float64 else 2**24
     if block >= exact:  # a huge grid: positions in float64
         index = index.double()
