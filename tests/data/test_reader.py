@@ -258,3 +258,19 @@ def test_check_data_clean_and_broken(tiny_root, tmp_path, capsys):
 
     err = broken("malformed", malformed)
     assert "scene.json" in err and "not valid JSON" in err
+
+
+def test_a_dropped_index_is_freed_at_once(tiny_root, tmp_path):
+    # No reference cycle: the cyclic collector is not needed to free an index and its arrays.
+    import gc
+    import weakref
+
+    index = NuScenesIndex.load(tiny_root, cache_dir=tmp_path)
+    assert index.samples[0]["token"] == index.samples[:1][0]["token"]
+    ref = weakref.ref(index)
+    gc.disable()
+    try:
+        del index
+        assert ref() is None
+    finally:
+        gc.enable()

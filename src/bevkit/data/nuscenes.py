@@ -575,12 +575,51 @@ _ARRAY_KEYS = ("sample_timestamp", "global_from_ego", "sensor_start", "sensor_ki
                "ann_category", "ann_attribute", "ann_num_lidar_pts")
 
 
-class _Samples(Sequence):
-    """The samples of an index as dicts, each made from the index's arrays when first asked for."""
+def _make_sample(st: dict, ar: dict, i: int) -> dict:
+    """Sample ``i`` of an index as the dict ``NuScenesIndex.samples`` gives, from its strings and arrays."""
+    out = {"token": st["sample_token"][i], "scene_token": st["sample_scene"][i],
+           "timestamp": int(ar["sample_timestamp"][i]), "prev": st["sample_prev"][i],
+           "next": st["sample_next"][i], "global_from_ego": ar["global_from_ego"][i].tolist(),
+           "lidar": None, "cams": {}, "sweeps": []}
+    a, b = int(ar["sensor_start"][i]), int(ar["sensor_start"][i + 1])
+    for k, kind, ts, m in zip(range(a, b), ar["sensor_kind"][a:b].tolist(), ar["sensor_timestamp"][a:b].tolist(),
+                              ar["ego_from_sensor"][a:b].tolist()):
+        fname = st["sensor_filename"][k]
+        if kind == SENSOR_LIDAR:
+            out["lidar"] = {"filename": fname, "timestamp": ts, "ego_from_lidar": m}
+        elif kind == SENSOR_SWEEP:
+            out["sweeps"].append({"filename": fname, "timestamp": ts, "ego_from_sweep": m})
+        else:
+            w, h = ar["sensor_size"][k].tolist()
+            out["cams"][CAMERAS[kind - 1]] = {"filename": fname, "timestamp": ts, "width": w, "height": h,
+                                              "intrinsics": ar["sensor_intrinsics"][k].tolist(),
+                                              "ego_from_cam": m}
+    rows = ar["ann_order"][ar["ann_start"][i]:ar["ann_start"][i + 1]]
+    boxes = ar["ann_boxes"][rows].tolist()
+    for box in boxes:
+        if box[7] != box[7]:  # NaN: unknown velocity, given as None
+            box[7] = box[8] = None
+    cats, attrs = st["categories"], st["attributes"]
+    rows = rows.tolist()
+    out["anns"] = {"token": [st["ann_token"][k] for k in rows],
+                   "category": [cats[c] for c in ar["ann_category"][rows].tolist()],
+                   "attribute": [attrs[c] if c >= 0 else "" for c in ar["ann_attribute"][rows].tolist()],
+                   "instance": [st["ann_instance"][k] for k in rows],
+                   "num_lidar_pts": ar["ann_num_lidar_pts"][rows].tolist(),
+                   "visibility": [st["ann_visibility"][k] for k in rows], "boxes": boxes}
+    return out
 
-    def __init__(self, index: "NuScenesIndex"):
-        self._index = index
-        self._made: list[dict | None] = [None] * len(index._strings["sample_token"])
+
+class _Samples(Sequence):
+    """The samples of an index as dicts, each made from the index's arrays when first asked for.
+
+    It holds the index's strings and arrays, not the index: no reference cycle, so a dropped
+    index is freed at once rather than by the cyclic collector (which left the previous index's
+    tens of MB alive, and the next build 20 ms slower allocating around them)."""
+
+    def __init__(self, strings: dict, arrays: dict):
+        self._strings, self._arrays = strings, arrays
+        self._made: list[dict | None] = [None] * len(strings["sample_token"])
 
     def __len__(self) -> int:
         return len(self._made)
@@ -590,7 +629,7 @@ class _Samples(Sequence):
             return self.take(range(*i.indices(len(self))))
         d = self._made[i]
         if d is None:
-            d = self._made[i] = self._index._make_sample(range(len(self))[i])
+            d = self._made[i] = _make_sample(self._strings, self._arrays, range(len(self))[i])
         return d
 
     def take(self, positions) -> list[dict]:
@@ -623,42 +662,8 @@ class NuScenesIndex:
         self._strings = strings
         self._arrays = arrays
         self.scenes: dict = strings["scenes"]
-        self.samples = _Samples(self)
+        self.samples = _Samples(strings, arrays)
         self._pos = {tok: i for i, tok in enumerate(strings["sample_token"])}
-
-    def _make_sample(self, i: int) -> dict:
-        st, ar = self._strings, self._arrays
-        out = {"token": st["sample_token"][i], "scene_token": st["sample_scene"][i],
-               "timestamp": int(ar["sample_timestamp"][i]), "prev": st["sample_prev"][i],
-               "next": st["sample_next"][i], "global_from_ego": ar["global_from_ego"][i].tolist(),
-               "lidar": None, "cams": {}, "sweeps": []}
-        a, b = int(ar["sensor_start"][i]), int(ar["sensor_start"][i + 1])
-        for k, kind, ts, m in zip(range(a, b), ar["sensor_kind"][a:b].tolist(), ar["sensor_timestamp"][a:b].tolist(),
-                                  ar["ego_from_sensor"][a:b].tolist()):
-            fname = st["sensor_filename"][k]
-            if kind == SENSOR_LIDAR:
-                out["lidar"] = {"filename": fname, "timestamp": ts, "ego_from_lidar": m}
-            elif kind == SENSOR_SWEEP:
-                out["sweeps"].append({"filename": fname, "timestamp": ts, "ego_from_sweep": m})
-            else:
-                w, h = ar["sensor_size"][k].tolist()
-                out["cams"][CAMERAS[kind - 1]] = {"filename": fname, "timestamp": ts, "width": w, "height": h,
-                                                  "intrinsics": ar["sensor_intrinsics"][k].tolist(),
-                                                  "ego_from_cam": m}
-        rows = ar["ann_order"][ar["ann_start"][i]:ar["ann_start"][i + 1]]
-        boxes = ar["ann_boxes"][rows].tolist()
-        for box in boxes:
-            if box[7] != box[7]:  # NaN: unknown velocity, given as None
-                box[7] = box[8] = None
-        cats, attrs = st["categories"], st["attributes"]
-        rows = rows.tolist()
-        out["anns"] = {"token": [st["ann_token"][k] for k in rows],
-                       "category": [cats[c] for c in ar["ann_category"][rows].tolist()],
-                       "attribute": [attrs[c] if c >= 0 else "" for c in ar["ann_attribute"][rows].tolist()],
-                       "instance": [st["ann_instance"][k] for k in rows],
-                       "num_lidar_pts": ar["ann_num_lidar_pts"][rows].tolist(),
-                       "visibility": [st["ann_visibility"][k] for k in rows], "boxes": boxes}
-        return out
 
     def sample(self, token: str) -> dict:
         try:
