@@ -108,7 +108,8 @@ def replicate(root: Path, version: str, k: int, out: Path) -> Path:
 
 
 def time_indexes(root, version: str, repeat: int, out: dict) -> None:
-    """Index build, cached load and the devkit's constructor on ``root``, best of ``repeat``."""
+    """Index build, cached load and the devkit's constructor on ``root``: best of ``repeat`` calls,
+    and the median for the build and the devkit (also timed with the collector paused)."""
     with tempfile.TemporaryDirectory() as cache:
         build = timings(lambda: NuScenesIndex.load(root, version, cache_dir=cache, rebuild=True), repeat)
         out["index_build_s"], out["index_build_median_s"] = build[0], build[len(build) // 2]
