@@ -98,6 +98,19 @@ def test_samples_are_made_once_and_index_like_a_list(index):
     assert s is index.samples[2] and len(s["anns"]["boxes"]) == len(s["anns"]["token"]) > 0
 
 
+def test_table_boxes_equal_the_index_boxes_with_unknown_velocities_unknown(tiny_root, index):
+    from bevkit.data.nuscenes import NuScenesTables
+
+    tables = NuScenesTables(tiny_root, "v1.0-mini")
+    unknown = 0
+    for s in index.samples:
+        boxes, _ = tables.boxes_ego(tables.index["sample"][s["token"]])
+        ref = np.array([[np.nan if v is None else v for v in b] for b in s["anns"]["boxes"]], float).reshape(-1, 9)
+        np.testing.assert_allclose(boxes, ref, rtol=0, atol=1e-9)  # NaN in the same places
+        unknown += int(np.isnan(ref[:, 7]).sum())
+    assert unknown > 0  # the case occurs: annotations without a neighbour
+
+
 def test_splits(index):
     assert [index.scenes[s["scene_token"]]["name"] for s in index.split("mini_val")] == ["scene-0103"] * 6
     assert len(index.split("mini_train")) == 6

@@ -137,3 +137,52 @@ def test_in_memory_predictions_match_the_devkit(nusc, tables, tiny_root, tmp_pat
     ours = ev.compute().summary
     assert_same(ours, ref)
     assert 0.05 < ours["mean_ap"] < 0.99
+
+
+def test_custom_split_breaks_score_ties_in_sample_table_order(tables, tiny_root, tmp_path):
+    """For a custom split the devkit reads the results in the sample table's order, whatever the file's
+    order; with every score tied, that order decides the matching."""
+    import shutil
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from nuscenes import NuScenes
+    from nuscenes.eval.common.config import config_factory
+    from nuscenes.eval.detection.evaluate import DetectionEval
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "v1.0-mini", root / "v1.0-mini")
+    (root / "maps").symlink_to(tiny_root / "maps", target_is_directory=True)  # the devkit loads map masks
+    splits = json.loads((root / "v1.0-mini" / "splits.json").read_text())
+    splits["custom_val"] = splits["mini_val"]
+    (root / "v1.0-mini" / "splits.json").write_text(json.dumps(splits))
+    results = make_results(tables, "mini_val", "mixed", seed=1)
+    for boxes in results["results"].values():
+        for b in boxes:
+            b["detection_score"] = 0.5
+    results["results"] = dict(reversed(list(results["results"].items())))
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    with redirect_stdout(StringIO()):
+        nusc = NuScenes("v1.0-mini", str(root), verbose=False)
+        ev = DetectionEval(nusc, config_factory("detection_cvpr_2019"), str(path), "custom_val",
+                           str(tmp_path / "devkit"), verbose=False)
+        ref = json.loads(json.dumps(ev.evaluate()[0].serialize()))
+    assert_same(score(path, root, "v1.0-mini", "custom_val", None), ref)
+    # The file's order gives other figures: the case tests the order.
+    official = score(path, root, "v1.0-mini", "mini_val", None)
+    assert abs(official["mean_ap"] - ref["mean_ap"]) > 1e-4
+
+
+def test_the_benchmark_configuration_cannot_be_changed_through_a_summary(tables, tiny_root, tmp_path):
+    from bevkit.eval.detection import DETECTION_CVPR_2019, detection_config
+
+    results = make_results(tables, "mini_val", "mixed", seed=1)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    first = score(path, tiny_root, "v1.0-mini", "mini_val", None)
+    first["cfg"]["class_range"]["car"] = 5
+    detection_config()["class_range"]["truck"] = 5
+    assert DETECTION_CVPR_2019["class_range"]["car"] == 50 and DETECTION_CVPR_2019["class_range"]["truck"] == 50
+    again = score(path, tiny_root, "v1.0-mini", "mini_val", None)
+    assert again["mean_ap"] == first["mean_ap"]

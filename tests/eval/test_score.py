@@ -35,6 +35,7 @@ def write(tmp_path, data):
     ("rotation", [0.0, 0.0, 0.0, 0.0], ["rotation", "zero quaternion"]),
     ("size", [1.0, 0.0, 2.0], ["size", "positive"]),
     ("detection_score", "high", ["detection_score"]),
+    ("detection_score", -0.5, ["detection_score", ">= 0", "-0.5"]),
     ("attribute_name", "vehicle.flying", ["attribute_name", "vehicle.flying"]),
     ("sample_token", "elsewhere", ["sample_token", "elsewhere"]),
 ])
@@ -83,6 +84,21 @@ def test_bad_files(good, tiny_root, tmp_path):
         score(tmp_path / "absent.json", tiny_root, "v1.0-mini", "mini_val", None)
     with pytest.raises(DataError, match="unknown split 'nope'"):
         score(write(tmp_path, good), tiny_root, "v1.0-mini", "nope", None)
+
+
+def test_a_ground_truth_attribute_outside_the_benchmark_is_refused(good, tiny_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "v1.0-mini", root / "v1.0-mini")
+    path = root / "v1.0-mini" / "attribute.json"
+    attributes = json.loads(path.read_text())
+    for a in attributes:
+        if a["name"] == "vehicle.parked":
+            a["name"] = "vehicle.hovering"
+    path.write_text(json.dumps(attributes))
+    with pytest.raises(DataError, match="attribute 'vehicle.hovering' is not one of the detection benchmark's"):
+        score(write(tmp_path, good), root, "v1.0-mini", "mini_val", None)
 
 
 def test_writes_the_devkit_summary_keys_and_pr_curves(good, tiny_root, tmp_path):

@@ -173,7 +173,8 @@ class NuScenesTables:
     def boxes_ego(self, sample: dict, channel: str = "LIDAR_TOP"):
         """Annotation boxes in the ego frame of a keyframe.
 
-        Returns ``boxes`` (M, 9) as (x, y, z, l, w, h, yaw, vx, vy) and the category names (M,).
+        Returns ``boxes`` (M, 9) as (x, y, z, l, w, h, yaw, vx, vy) and the category names (M,). The
+        velocity is NaN where it is unknown (an annotation without neighbours), as in the index.
         """
         ego_from_global = inverse(self.global_from_ego(self.keyframe(sample, channel)))
         rows, names = [], []
@@ -181,7 +182,7 @@ class NuScenesTables:
             w, l, h = ann["size"]
             r = ego_from_global[:3, :3] @ quat_to_matrix(ann["rotation"])
             c = ego_from_global[:3, :3] @ np.array(ann["translation"]) + ego_from_global[:3, 3]
-            v = ego_from_global[:3, :3] @ np.nan_to_num(self.velocity(ann))
+            v = ego_from_global[:3, :3] @ self.velocity(ann)  # NaN stays NaN
             rows.append([*c, l, w, h, np.arctan2(r[1, 0], r[0, 0]), v[0], v[1]])
             names.append(self.category(ann))
         return np.array(rows, dtype=np.float64).reshape(-1, 9), names

@@ -14,6 +14,7 @@ Flow::
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -41,11 +42,11 @@ def detection_config(max_range: float | None = None) -> dict:
     the ego): for a model whose BEV grid covers less than the benchmark's 30-50 m. A capped configuration
     is not the benchmark; it is recorded under ``cfg`` in ``metrics_summary.json`` and printed with the
     table."""
+    cfg = copy.deepcopy(DETECTION_CVPR_2019)  # a copy: editing it never changes the benchmark's definition
     if max_range is None:
-        return DETECTION_CVPR_2019
+        return cfg
     if not max_range > 0:
         raise ValueError(f"max_range must be positive, got {max_range}")
-    cfg = dict(DETECTION_CVPR_2019)
     cfg["class_range"] = {c: min(r, max_range) for c, r in DETECTION_CVPR_2019["class_range"].items()}
     return cfg
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSES)}
@@ -402,5 +403,5 @@ def evaluate_boxes(gt: DetBoxes, pred: DetBoxes, ego_translation: np.ndarray, ra
                 label_tp[name][metric] = calc_tp(curves[(name, cfg["dist_th_tp"])], cfg["min_recall"], metric)
     summary = summarize(label_aps, label_tp, cfg)
     summary["eval_time"] = time.time() - start
-    summary["cfg"] = dict(cfg)
+    summary["cfg"] = copy.deepcopy(cfg)
     return DetectionResult(summary=summary, curves=curves)

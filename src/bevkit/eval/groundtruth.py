@@ -71,8 +71,10 @@ def load_detection_gt(tables: NuScenesTables, split: str) -> DetectionGT:
             attrs = ann["attribute_tokens"]
             if len(attrs) > 1:
                 raise DataError(f"sample_annotation {ann['token']}: more than one attribute (the benchmark allows one)")
-            # An attribute outside the benchmark's list never equals a prediction's (the devkit refuses it).
-            attr = ATTRIBUTE_INDEX.get(attr_name[attrs[0]], len(ATTRIBUTE_INDEX)) if attrs else -1
+            attr = ATTRIBUTE_INDEX.get(attr_name[attrs[0]]) if attrs else -1
+            if attr is None:  # the devkit refuses it too
+                raise DataError(f"sample_annotation {ann['token']}: attribute {attr_name[attrs[0]]!r} is not one of "
+                                f"the detection benchmark's ({', '.join(ATTRIBUTE_INDEX)})")
             rows.append((si, ann["translation"], ann["size"], ann["rotation"], tables.velocity(ann)[:2],
                          CLASS_INDEX[cls], attr, ann["num_lidar_pts"] + ann["num_radar_pts"]))
     if rows:

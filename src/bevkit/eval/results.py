@@ -64,8 +64,8 @@ def _check_box(where: str, token: str, box) -> None:
         raise ResultsError(f"{where}: field 'detection_name' has unknown class {name!r} (expected one of "
                            f"{', '.join(CLASSES)})")
     score = box["detection_score"]
-    if not _is_number(score) or not math.isfinite(score):
-        raise ResultsError(f"{where}: field 'detection_score' must be a finite number, got {score!r}")
+    if not _is_number(score) or not math.isfinite(score) or score < 0:
+        raise ResultsError(f"{where}: field 'detection_score' must be a finite number >= 0, got {score!r}")
     attr = box["attribute_name"]
     if not isinstance(attr, str) or (attr != "" and attr not in ATTRIBUTE_INDEX):
         raise ResultsError(f"{where}: field 'attribute_name' has unknown attribute {attr!r}")
@@ -84,8 +84,9 @@ def parse_results(results: dict, sample_tokens: list, source: str = "results", e
     """Validate the ``results`` mapping and turn it into boxes indexed by ``sample_tokens`` order.
 
     ``exact``: the results must hold exactly the split's samples (the devkit's rule for official splits);
-    otherwise extra samples are ignored (its rule for custom splits). Boxes keep the file's order,
-    which decides ties in score as in the devkit.
+    otherwise extra samples are ignored (its rule for custom splits). The order of the boxes decides
+    ties in score, and follows the devkit's: the file's order of samples for an official split, the
+    sample table's (``sample_tokens``) for a custom one; within a sample, the file's order.
     """
     if not isinstance(results, dict):
         raise ResultsError(f"{source}: 'results' must map sample tokens to lists of boxes")
@@ -99,7 +100,8 @@ def parse_results(results: dict, sample_tokens: list, source: str = "results", e
     if extra and exact:
         raise ResultsError(f"{source}: sample {extra[0]} in 'results' is not in the split ({len(extra)} such "
                            f"samples; the official splits must be matched exactly)")
-    tokens = [t for t in results if t in index]
+    # The devkit reads official splits in the file's order, custom splits in the sample table's.
+    tokens = list(results) if exact else [t for t in sample_tokens if t in results]
     for t in tokens:
         if not isinstance(results[t], list):
             raise ResultsError(f"{source}: sample {t}: expected a list of boxes, got {type(results[t]).__name__}")
@@ -121,7 +123,7 @@ def parse_results(results: dict, sample_tokens: list, source: str = "results", e
     ok = n == 0 or (
         all(cols[k].dtype.kind in "iuf" and cols[k].shape == (n, d) for k, d in _VECTORS.items())
         and cols["detection_score"].dtype.kind in "iuf" and cols["detection_score"].shape == (n,)
-        and all(np.isfinite(cols[k]).all() for k in cols)
+        and all(np.isfinite(cols[k]).all() for k in cols) and (cols["detection_score"] >= 0).all()
         and (cols["size"] > 0).all() and (cols["rotation"] != 0).any(axis=1).all()
         and min(names) >= 0 and min(attrs) >= -1
         and owners == [t for t, c in zip(tokens, counts) for _ in range(c)]
