@@ -118,3 +118,32 @@ def test_config_digest_ignores_later_components_left_unset():
     deeper = cfg.to_dict()
     deeper["model"]["view_transform"]["depth_net"] = "bevdepth"
     assert len({cfg.digest(), with_prior.digest(), ExperimentConfig(**deeper).digest()}) == 3
+
+
+def test_ema_follows_the_ramped_decay(tmp_path, tiny_root, monkeypatch):
+    """``ema_t = d_t * ema_{t-1} + (1 - d_t) * w_t`` with ``d_t = ema * (1 - exp(-t / 2000))``; buffers copied."""
+    import math
+
+    from bevkit.engine.module import BEVLitModule
+
+    cfg = ExperimentConfig(**tiny_experiment(tiny_root, tmp_path / "run", ema=0.99))
+    module = BEVLitModule(cfg)
+    step = [0]
+    monkeypatch.setattr(BEVLitModule, "global_step", property(lambda self: step[0]))
+    name, param = next((k, v) for k, v in module.model.named_parameters() if v.numel() > 1)
+    floats = {k for k, v in module.model.state_dict().items() if v.dtype.is_floating_point}
+    module._update_ema()  # the first call copies the weights
+    expected = param.detach().clone()
+    for t, value in ((1, 1.0), (2, -3.0), (5000, 2.0), (30000, 0.5)):
+        step[0] = t
+        with torch.no_grad():
+            param.fill_(value)
+        module._update_ema()
+        d = 0.99 * (1 - math.exp(-t / 2000)) if t < 20000 else 0.99
+        expected = d * expected + (1 - d) * value
+        torch.testing.assert_close(module.ema[name], expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(module.ema[name], param.detach())  # an average, not a copy
+    ints = [k for k, v in module.model.state_dict().items() if k not in floats]
+    assert ints
+    for k in ints:  # counters (e.g. batch-norm batches seen) are copied, not averaged
+        assert torch.equal(module.ema[k], module.model.state_dict()[k])

@@ -137,6 +137,16 @@ def test_in_memory_predictions_match_the_devkit(nusc, tables, tiny_root, tmp_pat
     ours = ev.compute().summary
     assert_same(ours, ref)
     assert 0.05 < ours["mean_ap"] < 0.99
+    # The boxes went ego -> global through bevkit's conversion on both sides above; the devkit also scores
+    # the original global boxes the test converted to ego by hand, so a fault in that conversion shows.
+    path.write_text(json.dumps({"meta": {"use_camera": True}, "results": results}))
+    assert_same(ours, devkit_summary(nusc, path, tmp_path / "devkit-original"))
+    for token, boxes in written.items():
+        for ours_box, box in zip(boxes, results[token], strict=True):
+            for key in ("translation", "size", "velocity"):
+                np.testing.assert_allclose(ours_box[key], box[key], rtol=0, atol=1e-9)
+            turn = quat_to_yaw(ours_box["rotation"]) - quat_to_yaw(box["rotation"])
+            assert abs(np.sin(turn)) < 1e-9 and np.cos(turn) > 0
 
 
 def test_custom_split_breaks_score_ties_in_sample_table_order(tables, tiny_root, tmp_path):

@@ -1,23 +1,9 @@
-"""``bevkit score`` on the command line: scores, or one clear line and exit code 2 (never a traceback).
-
-Skipped until the command is wired into the typer app (``bevkit.cli``) around ``bevkit.eval.score.score``.
-"""
+"""``bevkit score`` on the command line: scores, or one clear line and exit code 2 (never a traceback)."""
 
 import copy
 import json
 
-import pytest
-
 from bevkit.eval.perturb import make_results
-
-
-def _registered():
-    from bevkit.cli import app
-
-    return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
-
-
-pytestmark = pytest.mark.skipif("score" not in _registered(), reason="`bevkit score` is not wired into the CLI yet")
 
 
 def run(argv, capsys):

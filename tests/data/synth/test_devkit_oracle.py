@@ -108,3 +108,20 @@ def test_devkit_boxes_project_onto_rendered_objects(nusc, tiny_root):
         sample = nusc.get("sample", sample["next"]) if sample["next"] else None
     assert checked >= 20
     assert hits / checked > 0.95
+
+
+def test_num_lidar_pts_equals_the_devkits_points_in_box(nusc, tiny_root):
+    """``num_lidar_pts`` of every keyframe annotation, counted again by the devkit's ``points_in_box`` in the
+    LiDAR frame (an implementation independent of the writer's)."""
+    from nuscenes.utils.geometry_utils import points_in_box
+
+    checked = nonzero = 0
+    for sample in nusc.sample:
+        path, boxes, _ = nusc.get_sample_data(sample["data"]["LIDAR_TOP"])  # boxes in the LiDAR frame
+        pts = np.fromfile(path, dtype=np.float32).reshape(-1, 5)[:, :3].T
+        for box in boxes:
+            count = int(points_in_box(box, pts).sum())
+            assert count == nusc.get("sample_annotation", box.token)["num_lidar_pts"], box.token
+            checked += 1
+            nonzero += count > 0
+    assert checked > 50 and nonzero > 20
