@@ -87,6 +87,43 @@ def test_displacement_metrics_by_hand():
     assert m["minADE_2"] == pytest.approx(1 / 3) and m["minFDE_2"] == pytest.approx(1.0) and m["MR_2"] == 0
 
 
+def test_a_miss_is_the_worst_point_not_the_last():
+    fut = torch.zeros(1, 3, 2)
+    traj = torch.zeros(1, 1, 3, 2)
+    traj[0, 0, :, 0] = torch.tensor([0.0, 2.5, 0.0])  # ends on the truth, strays 2.5 m half-way
+    m = displacement_metrics({"trajectories": traj, "logits": torch.zeros(1, 1)}, fut, ks=(1,))
+    assert m["minFDE_1"] == 0 and m["minADE_1"] == pytest.approx(2.5 / 3) and m["MR_1"] == 1
+
+
+def test_turning_agents_and_the_moving_and_turning_subsets():
+    from bevkit.forecast.tracks import AgentTracks, turning
+
+    t = np.linspace(0.5, 3.0, 6)
+    straight = np.stack([2 * t, 0 * t], 1)
+    left = np.stack([np.minimum(2 * t, 3.0), np.maximum(2 * t - 3.0, 0.0)], 1)  # 3 m ahead, then 3 m to the left
+    right = left * [1, -1]
+    slow = np.stack([0.1 * t, 0.1 * t], 1)  # turned, but barely moving: not counted
+    wiggle = np.stack([2 * t, 0.2 * np.sin(3 * t)], 1)  # under 30 degrees at the end
+    fut = np.stack([straight, left, right, slow, wiggle])
+    n = len(fut)
+    tr = AgentTracks(["s"], np.zeros(n, np.int64), list("abcde"), np.zeros((n, 3, 2)), np.ones((n, 3), bool), fut,
+                     np.zeros((n, 3)), np.zeros(n, np.int64), np.zeros(n))
+    assert turning(tr).tolist() == [False, True, True, False, False]
+
+    class Still(torch.nn.Module):  # one mode, standing still
+        def forward(self, batch):
+            n = len(batch["future"])
+            return {"trajectories": torch.zeros(n, 1, 6, 2), "logits": torch.zeros(n, 1)}
+
+    batch = {"future": torch.tensor(fut, dtype=torch.float32), "turning": torch.tensor(turning(tr))}
+    m = evaluate_forecaster(Still(), [batch])
+    final = np.linalg.norm(fut[:, -1], axis=1)
+    assert m["all"]["agents"] == 5 and m["moving"]["agents"] == 4 and m["turning"]["agents"] == 2
+    assert m["turning"]["minFDE_1"] == pytest.approx(final[1:3].mean(), rel=1e-6)
+    assert m["moving"]["minFDE_1"] == pytest.approx(final[[0, 1, 2, 4]].mean(), rel=1e-6)
+    assert m["all"]["MR_1"] == pytest.approx(4 / 5)
+
+
 def test_forecaster_learns_and_round_trips(tracks, tmp_path):
     torch.set_num_threads(1)
     _, t = tracks
