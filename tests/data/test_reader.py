@@ -185,6 +185,69 @@ def test_bev_augmentation_keeps_points_in_their_boxes(tiny_root, index):
     assert checked >= 10
 
 
+def test_bev_augmentation_moves_velocities_map_and_occupancy_with_the_boxes(tiny_root, index):
+    """Checked against quantities the augmentation code does not produce itself: velocity relative to the
+    box heading, the plain map resampled cell by cell, and occupied car voxels against the moved boxes."""
+    from bevkit.eval.occupancy import OCC_CLASSES
+
+    grid = BEVGrid(xmin=-30, xmax=30, ymin=-15, ymax=15, dx=0.25, dy=0.25)
+    base = dict(image_size=(32, 88), map_grid=grid, occupancy=True, load_points=False)
+    plain_ds = NuScenesDataset(tiny_root, "mini_val", DataConfig(**base), index=index)
+    aug_ds = NuScenesDataset(tiny_root, "mini_val", DataConfig(**base, bev_aug=BEVAugConfig(
+        rotate=(25, 40), scale=(0.9, 1.1), flip_x=0.0, flip_y=1.0)), index=index, seed=5)
+    moving = 0
+    for i in (1, 3):
+        plain, auged = plain_ds[i], aug_ds[i]
+        m = auged["bev_aug"].double().numpy()
+        s = np.cbrt(abs(np.linalg.det(m[:3, :3])))
+        assert np.linalg.det(m[:2, :2]) < 0  # a rotation, a scale and a mirror
+        # Velocities: speed scales with the map, the angle to the heading is kept (negated by the mirror).
+        for b0, b1 in zip(plain["boxes"].double().numpy(), auged["boxes"].double().numpy()):
+            if not np.isfinite(b0[7]) or np.hypot(b0[7], b0[8]) < 0.5:
+                continue
+            moving += 1
+            assert np.hypot(b1[7], b1[8]) == pytest.approx(s * np.hypot(b0[7], b0[8]), rel=1e-4)
+            rel0 = np.arctan2(b0[8], b0[7]) - b0[6]
+            rel1 = np.arctan2(b1[8], b1[7]) - b1[6]
+            assert np.cos(rel1) == pytest.approx(np.cos(rel0), abs=1e-4)
+            assert np.sin(rel1) == pytest.approx(-np.sin(rel0), abs=1e-4)
+        # Map: the augmented raster equals the plain one looked up at each cell's source position.
+        xs, ys = grid.centres()
+        xx, yy = np.meshgrid(xs, ys)
+        inv = np.linalg.inv(m)
+        sx = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 3]
+        sy = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 3]
+        ix, iy = np.floor((sx - grid.xmin) / grid.dx).astype(int), np.floor((sy - grid.ymin) / grid.dy).astype(int)
+        ok = (ix >= 0) & (ix < grid.nx) & (iy >= 0) & (iy < grid.ny)
+        ref = np.zeros_like(plain["map"].numpy())
+        ref[:, ok] = plain["map"].numpy()[:, iy[ok], ix[ok]]
+
+        def near(a):  # cells within two cells (0.5 m) of a marked cell: lines two cells wide sit half a cell
+            # off their centre line, and the lookup rounds to the nearest cell once more
+            return torch.nn.functional.max_pool2d(torch.from_numpy(a).float()[:, None], 5, 1, 2)[:, 0].numpy() > 0
+
+        def agreement(a, b):  # per class: the share of the marked cells of each that the other marks nearby
+            a, b = a.astype(bool) & ok, b.astype(bool) & ok
+            return np.minimum((a & near(b)).sum((1, 2)) / a.sum((1, 2)), (b & near(a)).sum((1, 2)) / b.sum((1, 2)))
+
+        moved = agreement(ref, auged["map"].numpy())
+        unmoved = agreement(ref, plain["map"].numpy())  # what a map left out of the augmentation would give
+        assert (moved > 0.97).all() and (unmoved[:3] < 0.5).all() and unmoved[3] < 0.9
+        # Occupancy: voxels labelled car lie in the moved car boxes as they lay in the original ones.
+        car = OCC_CLASSES.index("car")
+        for item in (plain, auged):
+            vox = np.argwhere(item["occupancy"].numpy() == car)
+            assert len(vox) > 50
+            centres = (vox + 0.5) * 0.4 + np.array([-40.0, -40.0, -1.0])
+            boxes = item["boxes"].double().numpy()
+            cars = boxes[item["labels"].numpy() == aug_ds.class_index["car"]]
+            inside = np.zeros(len(centres), bool)
+            for b in cars:  # with a margin of one voxel diagonal for the voxelisation
+                inside |= render.points_in_box(centres, b[:3], b[6], b[3:6] + 0.7)
+            assert inside.mean() > 0.9
+    assert moving >= 3
+
+
 def test_divider_cells_fall_on_painted_markings(tiny_root, index):
     from PIL import Image
 
