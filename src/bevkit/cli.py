@@ -203,7 +203,11 @@ def _print_metrics(metrics: dict) -> None:
     for head in ("map", "occupancy"):
         if head in metrics:
             m = metrics[head]
-            typer.echo(f"{head} IoU: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            typer.echo(f"{head} IoU: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if not isinstance(v, dict)))
+            if "map_prior" in m:
+                p = m["map_prior"]
+                typer.echo(f"map prior ({p['mode']}): {p['cells_before_evaluation']} cells before evaluation, "
+                           f"{p['cells_after_evaluation']} after, {p['memory_MiB']:.1f} MiB")
 
 
 @app.command()

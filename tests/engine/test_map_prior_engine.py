@@ -103,12 +103,20 @@ def test_second_stage_starts_from_the_baseline_and_evaluates(tiny_root, tmp_path
                  "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "map_metrics.json").read_text())
     assert 0.0 <= metrics["mIoU"] <= 1.0
-    # With the memory first filled from the training drives, and with an empty prior: other figures.
+    online = metrics["map_prior"]
+    assert online["mode"] == "online" and online["cells_before_evaluation"] == 0
+    assert online["cells_after_evaluation"] > 1000 and online["memory_MiB"] > 0
+    # With the memory first filled from the training drives, and with an empty prior.
     for mode in ("train", "empty"):
         assert main(["eval", stage2, str(tmp_path / "prior" / "checkpoints" / "last.ckpt"), "--set",
                      f"eval.map_prior={mode}", "--out", str(tmp_path / f"eval-{mode}")]) == 0
     other = {m: json.loads((tmp_path / f"eval-{m}" / "map_metrics.json").read_text()) for m in ("train", "empty")}
     assert all(0.0 <= o["mIoU"] <= 1.0 for o in other.values())
+    train = other["train"]["map_prior"]
+    assert train["cells_before_evaluation"] > 1000  # the training drives, before the first evaluated sample
+    assert train["cells_after_evaluation"] >= train["cells_before_evaluation"]
+    assert other["empty"]["map_prior"] == {"mode": "empty", "cells_before_evaluation": 0,
+                                           "cells_after_evaluation": 0, "memory_MiB": 0.0}
     # A checkpoint of another architecture is refused, naming what does not fit.
     det = tiny_lidar_experiment(tiny_root, tmp_path / "det", max_steps=1)
     assert main(["train", write_yaml(tmp_path / "det.yaml", det)]) == 0

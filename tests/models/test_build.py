@@ -154,6 +154,29 @@ def test_bevformer_reads_the_previous_bev_aligned_by_ego_motion():
         assert (a["bev"] - b["bev"]).abs().max() > 1e-2 * a["bev"].std()
 
 
+def test_bevformer_aligns_the_previous_bev_by_the_motion_it_is_given():
+    """The previous map the temporal attention reads: a blob one keyframe ago at (x, y) is now at
+    curr_from_prev @ (x, y), here 2.4 m (three cells) to the left and 1.6 m (two cells) back."""
+    from bevkit.models.bevformer import TemporalSelfAttention
+
+    cfg = load_config(CONFIGS / "bevformer-synth.yaml")
+    model = build_model(cfg)
+    batch = make_batch(cfg, n_cams=1, batch=1)
+    seen = []
+    tsa = next(m for m in model.modules() if isinstance(m, TemporalSelfAttention))
+    hook = tsa.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
+    prev_bev = torch.zeros(1, 1, 32, 32, 32)
+    prev_bev[0, 0, :, 10, 20] = 1.0  # cell (iy 10, ix 20): x = -12.8 + 20.5 * 0.8 = 3.6, y = -4.4
+    motion = torch.eye(4).view(1, 1, 4, 4).clone()
+    motion[0, 0, 0, 3], motion[0, 0, 1, 3] = -1.6, 2.4
+    with torch.no_grad():
+        model({**batch, "prev_bev": prev_bev, "curr_from_prev": motion})
+    hook.remove()
+    aligned = seen[0][0].sum(-1).view(32, 32)  # (Y, X) over channels
+    assert aligned.argmax().item() == 13 * 32 + 18  # (iy 13, ix 18)
+    assert aligned.max() == pytest.approx(32.0, rel=1e-5) and aligned.sum() == pytest.approx(32.0, rel=1e-5)
+
+
 def test_bevdet4d_concatenates_each_history_frame_warped_by_its_own_motion():
     from bevkit.models.config import GridConfig
     from bevkit.models.temporal import BEVDet4D

@@ -237,6 +237,7 @@ class BEVLitModule(L.LightningModule):
         self._swap_ema()
         if self.model.map_prior is not None and self.cfg.eval.map_prior == "train":
             self._fill_memory_from_train()
+        self._prior_cells = self.memories["eval"].observed_cells() if "eval" in self.memories else 0
         heads = self.cfg.model.heads
         self._det = (DetectionEvaluator(self._detection_gt(), detection_config(self.cfg.eval.max_range))
                      if heads.boxes() is not None else None)
@@ -299,6 +300,11 @@ class BEVLitModule(L.LightningModule):
             self.log("val/mAVE", float(s["tp_errors"]["vel_err"]), sync_dist=False)
         if self._map is not None:
             m = self._map.sync().compute()
+            if self.model.map_prior is not None:  # what the prior held (this process's memory)
+                memory = self.memories.get("eval")
+                m["map_prior"] = {"mode": self.cfg.eval.map_prior, "cells_before_evaluation": self._prior_cells,
+                                  "cells_after_evaluation": memory.observed_cells() if memory is not None else 0,
+                                  "memory_MiB": memory.nbytes() / 2**20 if memory is not None else 0.0}
             self.results["map"] = m
             self.log("val/map_mIoU", float(m["mIoU"]), sync_dist=False)
         if self._occ is not None:
