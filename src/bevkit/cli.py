@@ -75,12 +75,18 @@ def check_data(
     root: Path = typer.Argument(..., help="Dataset root (holds <version>/, samples/, sweeps/, maps/)."),
     version: str = typer.Option(None, help="Version folder (default: the only one under ROOT)."),
     skip_files: bool = typer.Option(False, "--skip-files", help="Check the tables only, not the files."),
-    max_problems: int = typer.Option(50, help="Print at most this many problems (all are counted)."),
+    max_problems: int = typer.Option(50, help="Print at most this many problems (all are counted; 0 prints none)."),
 ):
-    """Validate a nuScenes-format dataset; exits non-zero when anything is wrong."""
+    """Validate a nuScenes-format dataset; exits 1 when it has an error, 2 when ROOT is not a dataset."""
     from bevkit.data.check import check_dataset
+    from bevkit.data.nuscenes import DataError
 
-    rep = check_dataset(root, version, check_files=not skip_files, progress=True)
+    if max_problems < 0:
+        _fail(f"--max-problems must be at least 0, got {max_problems}")
+    try:
+        rep = check_dataset(root, version, check_files=not skip_files, progress=True)
+    except DataError as e:
+        _fail(str(e))
     s = rep.summary
     if s:
         typer.echo(f"{rep.root} ({s['version']}): {s['scenes']} scenes, {s['samples']} samples, "
@@ -116,6 +122,7 @@ def score(
 
     if not results.is_file():
         _fail(f"{results}: no such results file")
+    _out_dir(out)
     try:
         summary = run_score(results, data, version, split, out, max_range=max_range)
     except (ResultsError, DataError) as e:
@@ -123,6 +130,21 @@ def score(
     typer.echo(format_summary(summary))
     if out is not None:
         typer.echo(f"wrote {out / 'metrics_summary.json'}")
+
+
+def _out_dir(path: Path | None) -> None:
+    """An output folder must be a folder or absent (checked before any work is done)."""
+    if path is not None and path.exists() and not path.is_dir():
+        _fail(f"{path}: exists and is not a folder; give a folder for the output")
+
+
+def _out_file(path: Path) -> None:
+    """An output file must not be a folder, and its folder must exist or be creatable."""
+    if path.is_dir():
+        _fail(f"{path}: is a folder; give a file name for the output")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        _fail(f"{parent}: is not a folder, so {path} cannot be written")
 
 
 SET_HELP = "Override a config key, e.g. --set train.epochs=2 --set data.root=data/nuscenes (value read as YAML)."
@@ -185,6 +207,7 @@ def eval_(
     _quiet_lightning()
     from bevkit.engine import evaluate
 
+    _out_dir(out)
     try:
         cfg = _experiment(config, set_)
         metrics = evaluate(cfg, ckpt, split=split, out_dir=out)
@@ -222,6 +245,7 @@ def predict(
     _quiet_lightning()
     from bevkit.engine import predict as run_predict
 
+    _out_file(out)
     try:
         cfg = _experiment(config, set_)
         sub = run_predict(cfg, ckpt, out, split=split)
@@ -229,6 +253,26 @@ def predict(
         _fail(str(e))
     n = sum(len(v) for v in sub["results"].values())
     typer.echo(f"wrote {out}: {len(sub['results'])} samples, {n} boxes")
+
+
+def _check_device(device: str) -> None:
+    """``auto`` or a device torch knows and this machine has."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        _fail(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, ...)")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            _fail(f"--device {device}: no CUDA device on this machine (use auto or cpu)")
+        if dev.index is not None and dev.index >= count:
+            _fail(f"--device {device}: this machine has {count} CUDA device(s)")
+    elif dev.type != "cpu":
+        _fail(f"--device {device}: only auto, cpu and cuda devices are supported")
 
 
 class _CacheGroup(TyperGroup):
@@ -269,6 +313,12 @@ def cache_write(
     from bevkit.cache import CacheError
     from bevkit.cache.writer import parse_shard, write_cache
 
+    _out_dir(out)
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        _fail(f"--workers must be at least 0, got {workers}")
+    _check_device(device)
     try:
         where = parse_shard(shard) if shard is not None else None
         cfg = _experiment(config, set_)
@@ -365,11 +415,19 @@ def forecast_train_cmd(
     set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Train the multimodal forecaster (2 s history, 6 s future at 2 Hz) from a BEV feature cache."""
+    import math
+
     from bevkit.cache import CacheError
     from bevkit.forecast.run import forecast_train
 
-    if min(epochs, modes, batch_size, history, future) < 1:
-        _fail("--epochs, --modes, --batch-size, --history and --future must be at least 1")
+    for name, value in (("epochs", epochs), ("modes", modes), ("batch-size", batch_size), ("history", history),
+                        ("future", future)):
+        if value < 1:
+            _fail(f"--{name} must be at least 1, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        _fail(f"--lr must be a positive number, got {lr}")
+    if not 0 <= seed < 2**64:
+        _fail(f"--seed must be from 0 to 2**64 - 1, got {seed}")
     try:
         cfg = _experiment(config, set_)
         m = forecast_train(cfg, train_cache, val_cache, out, history_only=history_only, epochs=epochs, modes=modes,
@@ -405,6 +463,9 @@ def _print_forecast(metrics: dict) -> None:
         typer.echo(f"{name} ({m['agents']} agents): {figures}")
 
 
+INTERRUPTED = "bevkit: interrupted; nothing half-written was left in place"
+
+
 def main(argv=None) -> int:
     """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -414,13 +475,20 @@ def main(argv=None) -> int:
         print(f"bevkit: error: {e}", file=sys.stderr)
         return 2
     except (typer.Exit, click.exceptions.Exit) as e:
-        return int(getattr(e, "exit_code", 0) or 0)
+        code = int(getattr(e, "exit_code", 0) or 0)
+        if code == 130:  # typer's translation of Ctrl-C
+            print(INTERRUPTED, file=sys.stderr)
+        return code
     except (typer.Abort, click.exceptions.Abort):
         print("bevkit: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("bevkit: interrupted; nothing half-written was left in place", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except OSError as e:  # a path that cannot be read or written: the file system's own words, one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bevkit: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:
         # Usage errors (bad option values, missing arguments) from the command-line parser, whichever
         # click it ships with: one line, exit code 2. Anything else is a bug and keeps its traceback.
@@ -433,6 +501,8 @@ def main(argv=None) -> int:
             print(f"bevkit: error: {e.format_message()}", file=sys.stderr)
             return 2
         raise
+    if rc == 130:  # Ctrl-C, as typer returns it (click hands back an exit code without standalone mode)
+        print(INTERRUPTED, file=sys.stderr)
     return rc if isinstance(rc, int) else 0
 
 

@@ -78,3 +78,37 @@ def test_a_damaged_entry_is_an_error_not_wrong_features(tiny_model, reference_ca
     ds[1]
     with pytest.raises(CacheError, match="bytes"):
         ds[2]
+
+
+def test_features_read_against_a_dataset_are_checked_against_it(tiny_model, reference_cache, tiny_root, tmp_path):
+    import json
+    import shutil
+
+    from bevkit.data.nuscenes import NuScenesIndex
+
+    cfg_path, _ = tiny_model
+    out, _ = reference_cache
+    cfg = load_experiment(cfg_path)
+    index = NuScenesIndex.load(tiny_root)
+    assert len(CachedFeatures(out, cfg, annotations=False, index=index)) == 6
+    # The same samples and tokens, but one table rewritten (one more byte): another dataset identity.
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_root / "v1.0-mini", edited / "v1.0-mini")
+    log = edited / "v1.0-mini" / "log.json"
+    log.write_text(log.read_text() + "\n")
+    other = NuScenesIndex.load(edited)
+    assert other.identity != index.identity and other.split(SPLIT)[0]["token"] == index.split(SPLIT)[0]["token"]
+    for kwargs in ({"annotations": False, "index": other}, {"annotations": True, "index": other}):
+        with pytest.raises(CacheError) as e:
+            CachedFeatures(out, cfg, **kwargs)
+        msg = str(e.value)
+        assert msg.startswith(f"{out}: written from another dataset") and "\n" not in msg
+        assert index.identity in msg and other.identity in msg and str(edited) in msg
+    # Identical tables (same identity), but a split file that puts another scene in the split.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_root / "v1.0-mini", moved / "v1.0-mini")
+    splits = json.loads((moved / "v1.0-mini" / "splits.json").read_text())
+    splits[SPLIT] = [n for k, v in splits.items() if k != SPLIT for n in v][:1]
+    (moved / "v1.0-mini" / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(CacheError, match=f"is not at index 0 of split '{SPLIT}' in {moved}"):
+        CachedFeatures(out, cfg, annotations=False, index=NuScenesIndex.load(moved))

@@ -156,7 +156,7 @@ def test_a_sample_that_fails_to_load_is_listed_with_its_reason(tiny_model, tiny_
     assert len(m["entries"]) == 5
     [failed] = m["failed"]
     assert failed["token"] == missing_token and missing_file in failed["reason"]
-    assert "FileNotFoundError" in failed["reason"]
+    assert "DataError" in failed["reason"] and "No such file or directory" in failed["reason"]
 
     ds = CachedFeatures(out, load_experiment(bad_cfg))
     assert len(ds) == 5 and ds.failed == m["failed"] and missing_token not in {ds[k]["token"] for k in range(5)}

@@ -111,6 +111,22 @@ def test_table_boxes_equal_the_index_boxes_with_unknown_velocities_unknown(tiny_
     assert unknown > 0  # the case occurs: annotations without a neighbour
 
 
+def test_a_sweep_cut_inside_a_point_is_refused(tmp_path):
+    from bevkit.data.dataset import read_points
+
+    pts = np.arange(4000, dtype=np.float32)
+    for size, ok in ((160, True), (163, False), (12345, False), (0, True)):
+        path = tmp_path / f"{size}.pcd.bin"
+        path.write_bytes(pts.tobytes()[:size])
+        if ok:
+            assert read_points(path).shape == (size // 20, 5)
+        else:
+            with pytest.raises(DataError, match=f"{size} bytes is not a whole number of 5-float points"):
+                read_points(path)
+    with pytest.raises(DataError, match="cannot read LiDAR points"):
+        read_points(tmp_path / "absent.pcd.bin")
+
+
 def test_splits(index):
     assert [index.scenes[s["scene_token"]]["name"] for s in index.split("mini_val")] == ["scene-0103"] * 6
     assert len(index.split("mini_train")) == 6

@@ -35,6 +35,12 @@ def test_overrides_are_typed_and_checked(tmp_path):
     assert load_experiment(path, ["eval.max_range=12.8"]).eval.max_range == 12.8
     with pytest.raises(ConfigError, match=r"eval\.max_range"):
         load_experiment(path, ["eval.max_range=-1"])
+    # Sizes and weights that cannot build a model are refused by the schema, naming the section.
+    for override, words in (("model.heads.detection.channels=-3", r"heads\.detection.*channels must be at least 1"),
+                            ("model.lidar.channels=0", r"lidar.*channels must be at least 1"),
+                            ("model.heads.detection.reg_weight=-1", "reg_weight must not be negative")):
+        with pytest.raises(ConfigError, match=words):
+            load_experiment(path, [override])
     # The resolved config round-trips through plain JSON (what checkpoints carry).
     assert ExperimentConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from bevkit.config import load_experiment
 from bevkit.engine import train
-from bevkit.engine.data import SceneSampler, split_scenes_over_ranks
+from bevkit.engine.data import BEVDataModule, SceneSampler, split_scenes_over_ranks
 
 
 class Interrupt(Callback):
@@ -40,7 +40,7 @@ def test_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tiny_root, tmp_p
     train(straight, progress=False)
 
     broken = load_experiment(write_yaml(tmp_path / "b.yaml", tiny_experiment(tiny_root, tmp_path / "b", **common)))
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
+    with pytest.raises(KeyboardInterrupt):  # not Lightning's exit(1) after its shutdown
         train(broken, progress=False, callbacks=[Interrupt(at=4)])
     _, _, step = weights(tmp_path / "b")
     assert step == 4
@@ -55,6 +55,28 @@ def test_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tiny_root, tmp_p
         assert torch.equal(ea[k], eb[k]), k
 
 
+def test_ctrl_c_on_train_exits_130_with_one_line(tiny_root, tmp_path, index_cache):
+    import signal
+    import time
+
+    doc = tiny_experiment(tiny_root, tmp_path / "run", epochs=200, checkpoint_every=1, val_every=1000)
+    cfg_path = write_yaml(tmp_path / "a.yaml", doc)
+    env = dict(os.environ, BEVKIT_CACHE=str(index_cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.Popen([sys.executable, "-m", "bevkit.cli", "train", cfg_path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside training
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "bevkit: interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= 1  # still readable
+
+
 def test_epoch_checkpoints_resume_without_step_checkpoints(tiny_root, tmp_path, index_cache):
     # The default: last.ckpt at every epoch end only. Interrupted at the start of the third epoch, the
     # run resumes from the end of the second and ends where an uninterrupted run ends.
@@ -62,7 +84,7 @@ def test_epoch_checkpoints_resume_without_step_checkpoints(tiny_root, tmp_path, 
     straight = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(tiny_root, tmp_path / "a", **common)))
     train(straight, progress=False)
     broken = load_experiment(write_yaml(tmp_path / "b.yaml", tiny_experiment(tiny_root, tmp_path / "b", **common)))
-    with pytest.raises((KeyboardInterrupt, SystemExit)):
+    with pytest.raises(KeyboardInterrupt):  # not Lightning's exit(1) after its shutdown
         train(broken, progress=False, callbacks=[Interrupt(at=7)])  # 3 steps per epoch: mid third epoch
     assert weights(tmp_path / "b")[2] == 6
     assert not list((tmp_path / "b" / "checkpoints").glob("last-v*.ckpt"))
@@ -88,8 +110,30 @@ def test_a_used_run_folder_is_refused_and_a_changed_layout_is_not_resumed(tiny_r
     doc["train"]["max_steps"] = 4
     with pytest.raises(ConfigError, match="batch_size 2 -> 3"):
         train(load_experiment(write_yaml(tmp_path / "b.yaml", doc)), resume=True, progress=False)
+    # another split: by name, and the same name with other scenes behind it
+    other = {**doc, "data": {**doc["data"], "train_split": "mini_val"}, "train": {**doc["train"], "max_steps": 4}}
+    with pytest.raises(ConfigError, match="trained on data.train_split 'mini_train', not 'mini_val'"):
+        train(load_experiment(write_yaml(tmp_path / "c.yaml", other)), resume=True, progress=False)
+    loader = BEVDataModule(load_experiment(write_yaml(tmp_path / "d.yaml", doc))).train_dataloader()
+    state = loader.state_dict()
+    loader.sampler.scenes = loader.sampler.scenes[:-1] + ["scene-9999"]  # same count, other scenes
+    with pytest.raises(ConfigError, match="scenes "):
+        loader.load_state_dict(state)
     train(cfg, overwrite=True, progress=False)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # A bad dataset is refused before anything in the run folder changes, even with --overwrite.
+    from bevkit.data.nuscenes import DataError
+
+    def folder():
+        return {p: p.read_bytes() if p.is_file() else None for p in (tmp_path / "run").rglob("*")}
+
+    before = folder()
+    for key, value, words in (("root", str(tmp_path / "nope"), "no such dataset folder"),
+                              ("train_split", "nowhere", "unknown split 'nowhere'")):
+        bad = {**doc, "data": {**doc["data"], key: value}}
+        with pytest.raises(DataError, match=words):
+            train(load_experiment(write_yaml(tmp_path / "bad.yaml", bad)), overwrite=True, progress=False)
+        assert folder() == before
 
 
 def test_scene_sampler_covers_the_split_once_with_whole_scenes():

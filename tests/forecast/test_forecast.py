@@ -57,6 +57,20 @@ def test_tracks_are_the_annotations_in_each_agents_frame(tracks):
         assert np.allclose(t.pose[a], [box[0], box[1], box[6]], atol=1e-4)
 
 
+def test_take_selects_rows_by_mask_or_index_and_may_select_none(tracks):
+    _, t = tracks
+    mask = t.label == t.label[0]
+    by_mask, by_index = t.take(mask), t.take(np.flatnonzero(mask).tolist())
+    for sub in (by_mask, by_index):
+        assert len(sub) == mask.sum() and sub.instance == [t.instance[i] for i in np.flatnonzero(mask)]
+        assert np.array_equal(sub.future, t.future[mask]) and sub.tokens is t.tokens
+    assert t.take([2, 0]).instance == [t.instance[2], t.instance[0]]
+    for none in ([], np.array([], bool), np.zeros(len(t), bool), [False] * len(t)):
+        empty = t.take(none)
+        assert len(empty) == 0 and empty.instance == []
+        assert empty.history.shape == (0, 3, 2) and empty.future.shape == (0, 3, 2) and empty.pose.shape == (0, 3)
+    assert len(build_tracks(tracks[0], "mini_train", history=2, future=50).take([])) == 0
+
 def test_patch_points_and_bev_sampling_are_exact():
     pose = torch.tensor([[10.0, 5.0, math.pi / 2]])
     pts = patch_points(pose, (0.0, 2.0, -1.0, 1.0), (2, 2))  # agent-frame cell centres (0.5|1.5, -0.5|0.5)

@@ -46,13 +46,31 @@ def check_manifest(manifest: dict, cfg: ExperimentConfig, where, dtype: str | No
                          f"{config_hash(cfg)[:12]}...); differs at (cache vs config) {shown}")
 
 
+def check_dataset(manifest: dict, index: NuScenesIndex, where) -> None:
+    """Refuse a cache written from another dataset than ``index``'s: raises ``CacheError`` naming the folder
+    and both datasets (root, version, identity) when the version or the tables' identity differ, or naming
+    the sample when an entry's token is not at its recorded index of the manifest's split."""
+    d = manifest["dataset"]
+    if index.version != d["version"] or index.identity != d["identity"]:
+        raise CacheError(f"{where}: written from another dataset ({d['version']} at {d['root']}, identity "
+                         f"{d['identity']}) than {index.root} ({index.version}, identity {index.identity}): "
+                         f"its tables differ")
+    position = {s["token"]: i for i, s in enumerate(index.split(d["split"]))}
+    for rec in manifest["entries"]:
+        if position.get(rec["token"]) != rec["index"]:
+            raise CacheError(f"{where}: sample {rec['token']} is not at index {rec['index']} of split "
+                             f"{d['split']!r} in {index.root}")
+
+
 class CachedFeatures(Dataset):
     """The samples of a finished cache: each item is the sample's cached BEV feature map and its annotations.
 
     The cache must match ``cfg`` (grid, dtype if given, config hash, checkpoint if given) and, when
-    annotations are served, the dataset ``cfg.data`` points to (version and table identity): otherwise
-    ``CacheError`` names what differs. Samples that failed when caching are not served; they are listed
-    in ``self.failed``.
+    annotations are served or ``index`` is given, the dataset ``cfg.data`` points to (version, table
+    identity and each entry's position in the split, ``check_dataset``): otherwise ``CacheError`` names
+    what differs. ``index``: the ``NuScenesIndex`` of ``cfg.data``'s dataset if the caller has it (it is
+    loaded when annotations are served); ``annotations=False`` without ``index`` reads no dataset and
+    checks none. Samples that failed when caching are not served; they are listed in ``self.failed``.
 
     Each item:
         token (str), index (position in the split)
@@ -65,7 +83,7 @@ class CachedFeatures(Dataset):
     """
 
     def __init__(self, cache_dir, cfg: ExperimentConfig, dtype: str | None = None, checkpoint=None,
-                 annotations: bool = True, verify: bool = False):
+                 annotations: bool = True, verify: bool = False, index: NuScenesIndex | None = None):
         self.dir = Path(cache_dir)
         self.manifest = load_manifest(self.dir)
         if dtype is not None and dtype not in DTYPES:
@@ -82,20 +100,14 @@ class CachedFeatures(Dataset):
         self.shape = tuple(self.manifest["shape"] or ())
         self.verify = verify
         self.samples: NuScenesDataset | None = None
-        if annotations:
-            d = self.manifest["dataset"]
+        if annotations and index is None:
             index = NuScenesIndex.load(cfg.data.root, cfg.data.version)
-            if index.version != d["version"] or index.identity != d["identity"]:
-                raise CacheError(f"{self.dir}: written from another dataset ({d['version']} at {d['root']}, "
-                                 f"identity {d['identity'][:12]}...) than {cfg.data.root} ({index.version}, "
-                                 f"identity {index.identity[:12]}...): its tables differ")
+        if index is not None:  # read against a dataset: it must be the one the cache was written from
+            check_dataset(self.manifest, index, self.dir)
+        if annotations:
             cmap = dict(cfg.data.class_map) if cfg.data.class_map is not None else dict(CATEGORY_TO_CLASS)
             dc = DataConfig(cameras=(), load_points=False, category_map=cmap)
-            self.samples = NuScenesDataset(index.root, d["split"], dc, index=index)
-            for rec in self.entries:
-                if self.samples.position(rec["token"]) != rec["index"]:
-                    raise CacheError(f"{self.dir}: sample {rec['token']} is not at index {rec['index']} of split "
-                                     f"{d['split']!r} in {cfg.data.root}")
+            self.samples = NuScenesDataset(index.root, self.manifest["dataset"]["split"], dc, index=index)
 
     def __len__(self) -> int:
         return len(self.entries)

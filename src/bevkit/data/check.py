@@ -1,11 +1,9 @@
-"""Validate a nuScenes-format dataset: tables, links, files, quaternions, timestamps and chains.
-
-Every problem is reported with the file, the table, the token and the field it concerns.
-"""
+"""Validate a nuScenes-format dataset (schema, links, files, chains); each problem names file, table, token, field."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bevkit.data.nuscenes import CATEGORY_TO_CLASS, TABLES, _loads
+from bevkit.data.nuscenes import CATEGORY_TO_CLASS, TABLES, DataError, _loads, find_version
 
 # table -> {field: table it points to}; "" tokens are allowed where a link may be absent.
 FOREIGN_KEYS = {
@@ -27,24 +25,68 @@ FOREIGN_KEYS = {
     "sample_annotation": {"sample_token": "sample", "instance_token": "instance", "visibility_token": "visibility",
                           "prev": "sample_annotation", "next": "sample_annotation"},
 }
-OPTIONAL_LINKS = {"prev", "next"}
-REQUIRED_FIELDS = {
-    "category": ("token", "name"),
-    "attribute": ("token", "name"),
-    "visibility": ("token", "level"),
-    "instance": ("token", "category_token", "nbr_annotations", "first_annotation_token", "last_annotation_token"),
-    "sensor": ("token", "channel", "modality"),
-    "calibrated_sensor": ("token", "sensor_token", "translation", "rotation", "camera_intrinsic"),
-    "ego_pose": ("token", "translation", "rotation", "timestamp"),
-    "log": ("token", "logfile", "vehicle", "date_captured", "location"),
-    "scene": ("token", "log_token", "nbr_samples", "first_sample_token", "last_sample_token", "name"),
-    "sample": ("token", "timestamp", "prev", "next", "scene_token"),
-    "sample_data": ("token", "sample_token", "ego_pose_token", "calibrated_sensor_token", "timestamp", "fileformat",
-                    "is_key_frame", "height", "width", "filename", "prev", "next"),
-    "sample_annotation": ("token", "sample_token", "instance_token", "visibility_token", "attribute_tokens",
-                          "translation", "size", "rotation", "prev", "next", "num_lidar_pts"),
-    "map": ("token", "log_tokens", "filename"),
+OPTIONAL_LINKS = {"prev", "next", "visibility_token"}  # "" when absent (no visibility annotated, in nuScenes)
+# The fields of every table (nuScenes schema, https://www.nuscenes.org/nuscenes#data-format) and the kind of value
+# each must hold; the fields of OPTIONAL_FIELDS are checked only when present.
+SCHEMA = {
+    "category": {"token": "str", "name": "str"},
+    "attribute": {"token": "str", "name": "str"},
+    "visibility": {"token": "str", "level": "str"},
+    "instance": {"token": "str", "category_token": "str", "nbr_annotations": "count", "first_annotation_token": "str",
+                 "last_annotation_token": "str"},
+    "sensor": {"token": "str", "channel": "str", "modality": "str"},
+    "calibrated_sensor": {"token": "str", "sensor_token": "str", "translation": "vec3", "rotation": "quat",
+                          "camera_intrinsic": "intrinsic"},
+    "ego_pose": {"token": "str", "translation": "vec3", "rotation": "quat", "timestamp": "int"},
+    "log": {"token": "str", "logfile": "str", "vehicle": "str", "date_captured": "str", "location": "str"},
+    "scene": {"token": "str", "log_token": "str", "nbr_samples": "count", "first_sample_token": "str",
+              "last_sample_token": "str", "name": "str"},
+    "sample": {"token": "str", "timestamp": "int", "prev": "str", "next": "str", "scene_token": "str"},
+    "sample_data": {"token": "str", "sample_token": "str", "ego_pose_token": "str", "calibrated_sensor_token": "str",
+                    "timestamp": "int", "fileformat": "str", "is_key_frame": "bool", "height": "count",
+                    "width": "count", "filename": "str", "prev": "str", "next": "str"},
+    "sample_annotation": {"token": "str", "sample_token": "str", "instance_token": "str", "visibility_token": "str",
+                          "attribute_tokens": "tokens", "translation": "vec3", "size": "size", "rotation": "quat",
+                          "prev": "str", "next": "str", "num_lidar_pts": "count", "num_radar_pts": "count"},
+    "map": {"token": "str", "log_tokens": "tokens", "filename": "str"},
 }
+OPTIONAL_FIELDS = {"sample_annotation": ("num_radar_pts",)}
+# A whole-point .pcd.bin with fewer points than SPARSE_FRACTION (a tenth) of the median of its sensor's files (when
+# it has at least SPARSE_MIN_SWEEPS) may be a sweep cut at a point boundary, or only a sparse one: a warning.
+SPARSE_FRACTION = 0.1
+SPARSE_MIN_SWEEPS = 5
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+
+
+def _numbers(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(_number(x) for x in v)
+
+
+def _matrix3(v) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_numbers(row, 3) for row in v)
+
+
+# kind -> (test of a value, what is expected)
+KINDS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tokens": (lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of token strings"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "count": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "vec3": (lambda v: _numbers(v, 3), "3 numbers [x, y, z]"),
+    "quat": (lambda v: _numbers(v, 4), "4 numbers [w, x, y, z]"),
+    "size": (lambda v: _numbers(v, 3) and all(x > 0 for x in v), "3 positive numbers [w, l, h]"),
+    "intrinsic": (lambda v: v == [] or _matrix3(v), "a 3x3 matrix (cameras) or [] (other sensors)"),
+}
+
+
+def _show(value, limit: int = 60) -> str:
+    """A value as JSON, cut to ``limit`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass
@@ -59,8 +101,6 @@ class Problem:
     severity: str = "error"
 
     def __str__(self):
-        if self.table == "-":
-            return f"{self.severity}: {self.file}: {self.message}"
         where = f"{self.table}[{self.token}].{self.field}" if self.token else f"{self.table}.{self.field}"
         return f"{self.severity}: {self.file}: {where}: {self.message}"
 
@@ -83,55 +123,70 @@ class Report:
 
 
 def check_dataset(root, version: str | None = None, check_files: bool = True, progress: bool = False) -> Report:
-    """Check every table, link and referenced file of ``root/version``."""
+    """Check every table, link and referenced file of ``root/version``.
+
+    Raises ``DataError`` when ``root`` is not a dataset at all (no such folder, no version folder or
+    several, a named version folder without any table); every problem of a dataset that is found is in
+    the report.
+    """
     root = Path(root)
     if not root.is_dir():
-        rep = Report(str(root), version or "")
-        rep.add(root, "-", "", "-", "no such dataset folder")
-        return rep
+        raise DataError(f"{root}: no such dataset folder")
     if version is None:
-        found = sorted(p.parent.name for p in root.glob("*/sample.json"))
-        version = found[0] if len(found) == 1 else ""
-        if not version:
-            rep = Report(str(root), "")
-            rep.add(root, "-", "", "-", "no version folder with tables" if not found else
-                    f"several versions ({', '.join(found)}); name one with --version")
-            return rep
+        version = find_version(root)
+    elif not (root / version).is_dir():
+        raise DataError(f"{root / version}: no such version folder")
+    elif not any((root / version / f"{name}.json").is_file() for name in TABLES):
+        raise DataError(f"{root / version}: no nuScenes tables in this folder (expected e.g. sample.json)")
     rep = Report(str(root), version)
     vdir = root / version
-    tables: dict = {}
+    tables: dict = {}  # the records with every field present and of the right kind
+    known: dict = {}  # the tokens of every record, well-formed or not: links to them are not dangling
+    raw: dict = {}
     broken = set()  # tables that could not be read: links into them are not checked
     for name in TABLES:
         path = vdir / f"{name}.json"
+        tables[name], known[name], raw[name] = [], set(), []
         if not path.is_file():
             rep.add(path, name, "", "-", "table is missing")
-            tables[name] = []
             broken.add(name)
             continue
         try:
             rows = _loads(path.read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
             rep.add(path, name, "", "-", f"not valid JSON: {e}")
-            tables[name] = []
+            broken.add(name)
+            continue
+        except OSError as e:
+            rep.add(path, name, "", "-", f"cannot read: {e.strerror}")
             broken.add(name)
             continue
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             rep.add(path, name, "", "-", "expected a list of records")
-            tables[name] = []
             broken.add(name)
             continue
-        good = []
+        raw[name] = rows
+        schema = SCHEMA[name]
+        optional = OPTIONAL_FIELDS.get(name, ())
         for i, r in enumerate(rows):
-            missing = [f for f in REQUIRED_FIELDS.get(name, ("token",)) if f not in r]
+            token = r.get("token")
+            if isinstance(token, str):
+                known[name].add(token)
+            else:
+                token = f"#{i}"
+            missing = [f for f in schema if f not in r and f not in optional]
             if missing:
-                rep.add(path, name, str(r.get("token", f"#{i}")), ",".join(missing), "field missing")
-                continue
-            good.append(r)
-        tables[name] = good
+                rep.add(path, name, token, ",".join(missing), "field missing")
+            wrong = [f for f, kind in schema.items() if f in r and not KINDS[kind][0](r[f])]
+            for f in wrong:
+                rep.add(path, name, token, f, f"expected {KINDS[schema[f]][1]}, got {_show(r[f])}")
+            if not missing and not wrong:
+                tables[name].append(r)
     index = {name: {r["token"]: r for r in rows} for name, rows in tables.items()}
-    for name, rows in tables.items():
-        if len(index[name]) != len(rows):
-            dup = [t for t, n in Counter(r["token"] for r in rows).items() if n > 1]
+    for name, rows in raw.items():
+        tokens = Counter(r["token"] for r in rows if isinstance(r.get("token"), str))
+        dup = [t for t, n in tokens.items() if n > 1]
+        if dup:
             rep.add(vdir / f"{name}.json", name, dup[0], "token", f"{len(dup)} duplicated token(s)")
 
     # Foreign keys.
@@ -144,32 +199,35 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
                 value = r.get(fld)
                 if value == "" and fld in OPTIONAL_LINKS:
                     continue
-                if value not in index[target]:
+                if value not in known[target]:
                     rep.add(path, name, r["token"], fld, f"points to {target} {value!r}, which does not exist")
     for r in tables["sample_annotation"]:
-        for a in r.get("attribute_tokens", []):
-            if "attribute" not in broken and a not in index["attribute"]:
+        for a in r["attribute_tokens"]:
+            if "attribute" not in broken and a not in known["attribute"]:
                 rep.add(vdir / "sample_annotation.json", "sample_annotation", r["token"], "attribute_tokens",
                         f"attribute {a!r} does not exist")
     for r in tables["map"]:
-        for lt in r.get("log_tokens", []):
-            if lt not in index["log"]:
+        for lt in r["log_tokens"]:
+            if "log" not in broken and lt not in known["log"]:
                 rep.add(vdir / "map.json", "map", r["token"], "log_tokens", f"log {lt!r} does not exist")
 
-    # Quaternions of unit norm.
+    # Quaternions of unit norm; camera intrinsics 3x3 for cameras, [] for the other sensors.
     for name in ("ego_pose", "calibrated_sensor", "sample_annotation"):
         for r in tables[name]:
-            q = np.asarray(r["rotation"], dtype=np.float64)
-            if q.shape != (4,) or not np.isfinite(q).all() or abs(np.linalg.norm(q) - 1) > 1e-4:
+            if abs(np.linalg.norm(np.asarray(r["rotation"], dtype=np.float64)) - 1) > 1e-4:
                 rep.add(vdir / f"{name}.json", name, r["token"], "rotation",
                         f"not a unit quaternion [w, x, y, z]: {r['rotation']}")
-    for r in tables["sample_annotation"]:
-        size = np.asarray(r["size"], dtype=np.float64)
-        if size.shape != (3,) or not (size > 0).all():
-            rep.add(vdir / "sample_annotation.json", "sample_annotation", r["token"], "size",
-                    f"expected three positive numbers [w, l, h], got {r['size']}")
+    for r in tables["calibrated_sensor"]:
+        sensor = index["sensor"].get(r["sensor_token"])
+        if sensor is None:
+            continue
+        camera = sensor["modality"] == "camera"
+        if camera != (r["camera_intrinsic"] != []):
+            rep.add(vdir / "calibrated_sensor.json", "calibrated_sensor", r["token"], "camera_intrinsic",
+                    f"expected {'a 3x3 matrix' if camera else '[]'} for {sensor['modality']} sensor "
+                    f"{sensor['channel']}, got {_show(r['camera_intrinsic'])}")
 
-    # Chains: both ways, and timestamps increasing.
+    # Chains: both ways, and timestamps increasing. Links to malformed records (reported above) are not followed.
     def time_of(name, r):
         if name == "sample_annotation":
             s = index["sample"].get(r["sample_token"])
@@ -189,8 +247,10 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
             prev = index[name].get(r["prev"]) if r["prev"] else None
             if prev is not None and prev["next"] != r["token"]:
                 rep.add(path, name, r["token"], "prev", f"prev {prev['token']} has next {prev['next']!r}, not this")
+    malformed = {name: known[name] - index[name].keys() for name in TABLES}
     for sc in tables["scene"]:
-        s, n, seen = index["sample"].get(sc["first_sample_token"]), 0, set()
+        token, n, seen = sc["first_sample_token"], 0, set()
+        s = index["sample"].get(token)
         while s is not None and s["token"] not in seen:
             seen.add(s["token"])
             n += 1
@@ -198,11 +258,13 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
                 rep.add(vdir / "sample.json", "sample", s["token"], "scene_token", f"chain of scene {sc['name']} "
                         f"reaches a sample of another scene")
                 break
-            s = index["sample"].get(s["next"]) if s["next"] else None
-        if n != sc["nbr_samples"]:
+            token = s["next"]
+            s = index["sample"].get(token) if token else None
+        if n != sc["nbr_samples"] and token not in malformed["sample"]:
             rep.add(vdir / "scene.json", "scene", sc["token"], "nbr_samples",
                     f"says {sc['nbr_samples']} samples, the chain has {n}")
-    ann_count = Counter(r["instance_token"] for r in tables["sample_annotation"])
+    ann_count = Counter(r.get("instance_token") for r in raw["sample_annotation"]
+                        if isinstance(r.get("instance_token"), str))
     for inst in tables["instance"]:
         if ann_count[inst["token"]] != inst["nbr_annotations"]:
             rep.add(vdir / "instance.json", "instance", inst["token"], "nbr_annotations",
@@ -216,6 +278,7 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
             from tqdm import tqdm
 
             iterator = tqdm(rows, desc="files", unit="file")
+        sweeps: dict = {}  # channel -> [(path, token, points)] of the whole-point .pcd.bin files
         for r in iterator:
             path = root / r["filename"]
             if not path.is_file():
@@ -230,12 +293,27 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
                                     f"image is {im.size[0]}x{im.size[1]}, the table says {r['width']}x{r['height']}")
                         if r.get("is_key_frame"):
                             im.verify()
-                except OSError as e:
+                except (OSError, SyntaxError, Image.DecompressionBombError) as e:
                     rep.add(path, "sample_data", r["token"], "filename", f"not a readable image ({e})")
             elif r["fileformat"] == "pcd" and path.name.endswith(".pcd.bin"):
-                if size == 0 or size % 20:
+                if size == 0:
+                    rep.add(path, "sample_data", r["token"], "filename", "file is empty")
+                elif size % 20:
                     rep.add(path, "sample_data", r["token"], "filename",
                             f"{size} bytes is not a whole number of float32 x 5 points (truncated?)")
+                else:
+                    cs = index["calibrated_sensor"].get(r["calibrated_sensor_token"])
+                    sensor = index["sensor"].get(cs["sensor_token"]) if cs else None
+                    channel = sensor["channel"] if sensor else r["calibrated_sensor_token"]
+                    sweeps.setdefault(channel, []).append((path, r["token"], size // 20))
+        for channel, found in sweeps.items():
+            if len(found) < SPARSE_MIN_SWEEPS:
+                continue
+            typical = int(np.median([n for _, _, n in found]))
+            for path, token, n in found:
+                if n < SPARSE_FRACTION * typical:
+                    rep.add(path, "sample_data", token, "filename", f"{n} points, under a tenth of the {typical} "
+                            f"of a typical {channel} sweep (truncated?)", severity="warning")
         for r in tables["map"]:
             if not (root / r["filename"]).is_file():
                 rep.add(root / r["filename"], "map", r["token"], "filename", "map mask is missing")
@@ -247,11 +325,15 @@ def check_dataset(root, version: str | None = None, check_files: bool = True, pr
             else:
                 try:
                     m = json.loads(path.read_text())
-                    for key in ("node", "line", "polygon", "version", "canvas_edge"):
-                        if key not in m:
-                            rep.add(path, "map_expansion", "", key, "key missing")
                 except ValueError as e:
                     rep.add(path, "map_expansion", "", "-", f"not valid JSON: {e}")
+                    continue
+                if not isinstance(m, dict):
+                    rep.add(path, "map_expansion", "", "-", "expected a JSON object")
+                    continue
+                for key in ("node", "line", "polygon", "version", "canvas_edge"):
+                    if key not in m:
+                        rep.add(path, "map_expansion", "", key, "key missing")
 
     cat_of = {i["token"]: index["category"].get(i["category_token"], {}).get("name", "?") for i in tables["instance"]}
     per_class = Counter(CATEGORY_TO_CLASS.get(cat_of.get(a["instance_token"]), "(other)")

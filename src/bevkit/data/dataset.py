@@ -6,6 +6,7 @@ derived by whoever needs it, e.g. ``lidar_from_cam = inverse(ego_from_lidar) @ e
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,13 @@ def read_points(path: Path) -> np.ndarray:
     Shapes:
         returns: (P, 5)
     """
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % 5:
-        raise DataError(f"{path}: {raw.size * 4} bytes is not a whole number of 5-float points")
-    return raw.reshape(-1, 5)
+    try:
+        size = os.path.getsize(path)
+        if size % 20:
+            raise DataError(f"{path}: {size} bytes is not a whole number of 5-float points (20 bytes each)")
+        return np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read LiDAR points ({e.strerror})") from None
 
 
 def read_occupancy(path: Path) -> dict:

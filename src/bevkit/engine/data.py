@@ -10,6 +10,7 @@ how many batches were consumed and skips them after a restart.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import lightning as L
@@ -213,10 +214,15 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict:
         return {"epoch": int(self.sampler.epoch), "consumed": int(self.consumed), "batch_size": int(self.batch_size),
-                "world": int(self.sampler.world), "samples": len(self.sampler.scenes)}
+                "world": int(self.sampler.world), "samples": len(self.sampler.scenes), "scenes": self._scenes_digest()}
+
+    def _scenes_digest(self) -> str:
+        """Digest of the split's samples as scene names in order (a changed splits.json shows)."""
+        return hashlib.sha256("\n".join(self.sampler.scenes).encode()).hexdigest()[:12]
 
     def load_state_dict(self, state: dict) -> None:
-        now = {"batch_size": self.batch_size, "world": self.sampler.world, "samples": len(self.sampler.scenes)}
+        now = {"batch_size": self.batch_size, "world": self.sampler.world, "samples": len(self.sampler.scenes),
+               "scenes": self._scenes_digest()}
         changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if k in state and state[k] != v]
         if changed:  # the saved position counts batches of the old layout: it cannot be mapped exactly
             from bevkit.config import ConfigError

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from bevkit.atomic import write_text_atomic
 from bevkit.config import ConfigError, ExperimentConfig
+from bevkit.data.nuscenes import DataError
 from bevkit.engine.checkpoint import (
     CheckpointError,
     check_same_model,
@@ -146,10 +147,18 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
             raise CheckpointError(f"{last}: nothing to resume from (no last checkpoint in the run folder)")
         saved = checkpoint_config(last)
         check_same_model(cfg, saved, last)
+        if saved.data.train_split != cfg.data.train_split:  # the saved position counts batches of that split
+            raise ConfigError(f"{last}: the run trained on data.train_split {saved.data.train_split!r}, not "
+                              f"{cfg.data.train_split!r}; resume with the same split, or start a new run")
         ckpt_path = str(last)
     elif not overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
         raise ConfigError(f"{out}: the run folder already holds checkpoints; pass --resume to continue that run, "
                           f"--overwrite to start afresh there, or choose another out")
+    # The data first, so that a bad root or split changes nothing in the run folder.
+    dm = BEVDataModule(cfg)
+    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+        if not dm.index.split(split):
+            raise DataError(f"{cfg.data.root}: split {split!r} has no samples in this dataset")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = BEVLitModule(cfg)
     if cfg.train.init_from and not resume:
@@ -158,7 +167,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
         if rank_zero_only.rank == 0:
             print(f"weights from {cfg.train.init_from}; {len(fresh)} tensors start fresh"
                   + (f" ({', '.join(groups)})" if groups else ""), flush=True)
-    dm = BEVDataModule(cfg)
     cbs = [LastCheckpoint(last, cfg.train.checkpoint_every),
            # best: judged after each validation only (never at a training epoch's end, where the
            # monitored metric does not exist and Lightning would warn)
@@ -172,8 +180,19 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     trainer = make_trainer(cfg, out, fit=True, callbacks=[*cbs, *callbacks], progress=progress)
     if trainer.is_global_zero:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    _interruptible(trainer, trainer.fit, module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     return out
+
+
+def _interruptible(trainer: L.Trainer, run, *args, **kwargs):
+    """``run(*args, **kwargs)``, with Ctrl-C raised as ``KeyboardInterrupt``: Lightning catches it, tears
+    down, then exits with code 1, which would hide the interruption from the caller."""
+    try:
+        return run(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _load_for_eval(cfg: ExperimentConfig, ckpt_path, split: str, collect: bool) -> BEVLitModule:
@@ -192,7 +211,7 @@ def _load_for_eval(cfg: ExperimentConfig, ckpt_path, split: str, collect: bool) 
 
 def _validate(cfg, module, split, progress) -> L.Trainer:
     trainer = make_trainer(cfg, Path(cfg.out), fit=False, progress=progress)
-    trainer.validate(module, datamodule=BEVDataModule(cfg, eval_split=split), verbose=False)
+    _interruptible(trainer, trainer.validate, module, datamodule=BEVDataModule(cfg, eval_split=split), verbose=False)
     return trainer
 
 

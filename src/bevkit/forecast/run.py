@@ -21,12 +21,18 @@ from bevkit.forecast.train import (
 
 
 class CachedFeatureMap(Mapping):
-    """``token -> (C, Y, X)`` over a finished BEV feature cache (memory-mapped entries, no encoder)."""
+    """``token -> (C, Y, X)`` over a finished BEV feature cache (memory-mapped entries, no encoder).
 
-    def __init__(self, cache_dir, cfg: ExperimentConfig):
+    The agents come from ``cfg.data``'s dataset, so the cache must have been written from it (same tables
+    and split positions, ``bevkit.cache.reader.check_dataset``): otherwise ``CacheError``. ``index``: that
+    dataset's ``NuScenesIndex`` if already loaded (else loaded here); kept as ``self.index``.
+    """
+
+    def __init__(self, cache_dir, cfg: ExperimentConfig, index: NuScenesIndex | None = None):
         from bevkit.cache.reader import CachedFeatures
 
-        self.cached = CachedFeatures(cache_dir, cfg, annotations=False)
+        self.index = index or NuScenesIndex.load(cfg.data.root, cfg.data.version)
+        self.cached = CachedFeatures(cache_dir, cfg, annotations=False, index=self.index)
         self.split = self.cached.manifest["dataset"]["split"]
         self.pos = {rec["token"]: k for k, rec in enumerate(self.cached.entries)}
 
@@ -40,8 +46,9 @@ class CachedFeatureMap(Mapping):
         return len(self.pos)
 
 
-def _dataset(cfg: ExperimentConfig, features: Mapping | None, split: str, history: int, future: int) -> ForecastDataset:
-    index = NuScenesIndex.load(cfg.data.root, cfg.data.version)
+def _dataset(cfg: ExperimentConfig, features: Mapping | None, split: str, history: int, future: int,
+             index: NuScenesIndex | None = None) -> ForecastDataset:
+    index = index or NuScenesIndex.load(cfg.data.root, cfg.data.version)
     tracks = build_tracks(index, split, cfg.data.class_map, history=history, future=future)
     if features is not None:  # agents of samples that failed to cache are left out (the manifest lists them)
         keep = [tracks.tokens[s] in features for s in tracks.sample]
@@ -62,11 +69,15 @@ def forecast_train(cfg: ExperimentConfig, train_cache, val_cache, out, history_o
                    modes: int = 10, lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
                    history: int = HISTORY, future: int = FUTURE, progress: bool = True) -> dict:
     """Train on the agents of ``train_cache``'s split (features from the cache unless ``history_only``)
-    and evaluate on ``val_cache``'s split. Returns the metrics also written to ``out/metrics.json``."""
+    and evaluate on ``val_cache``'s split. Returns the metrics also written to ``out/metrics.json``.
+
+    Both caches must match ``cfg`` and its dataset (``CacheError`` otherwise, even with ``history_only``);
+    a split without an agent with ``future`` keyframes ahead is a ``DataError``."""
     feats_train = CachedFeatureMap(train_cache, cfg)
-    feats_val = CachedFeatureMap(val_cache, cfg)
-    train_ds = _dataset(cfg, None if history_only else feats_train, feats_train.split, history, future)
-    val_ds = _dataset(cfg, None if history_only else feats_val, feats_val.split, history, future)
+    feats_val = CachedFeatureMap(val_cache, cfg, feats_train.index)
+    train_ds = _dataset(cfg, None if history_only else feats_train, feats_train.split, history, future,
+                        feats_train.index)
+    val_ds = _dataset(cfg, None if history_only else feats_val, feats_val.split, history, future, feats_val.index)
     channels = 0 if history_only else int(feats_train.cached.shape[0])
     torch.manual_seed(seed)
     model = Forecaster(modes=modes, bev_channels=channels, bounds=grid_bounds(cfg), history=history, future=future)
@@ -87,5 +98,6 @@ def forecast_eval(cfg: ExperimentConfig, forecaster_path, cache, batch_size: int
         if model.bev_channels != channels or tuple(float(b) for b in model.bounds) != bounds:
             raise CheckpointError(f"{forecaster_path}: trained on {model.bev_channels}-channel features over grid "
                                   f"bounds {model.bounds}, but the cache holds {channels} channels over {bounds}")
-    ds = _dataset(cfg, feats if model.bev_channels else None, feats.split, model.history_len, model.future)
+    ds = _dataset(cfg, feats if model.bev_channels else None, feats.split, model.history_len, model.future,
+                  feats.index)
     return evaluate_forecaster(model, DataLoader(ds, batch_size=batch_size, collate_fn=collate_forecast), progress)

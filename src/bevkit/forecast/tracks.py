@@ -48,9 +48,15 @@ class AgentTracks:
         return len(self.sample)
 
     def take(self, keep) -> AgentTracks:
+        """The agents selected by ``keep``: an (A,) bool mask or row indices (any sequence, empty too).
+
+        Returns tracks of the selected rows, in the order given, with the same ``tokens``."""
         keep = np.asarray(keep)
-        return AgentTracks(self.tokens, self.sample[keep], [self.instance[i] for i in np.flatnonzero(keep)]
-                           if keep.dtype == bool else [self.instance[i] for i in keep], self.history[keep],
+        if keep.dtype == bool:
+            keep = np.flatnonzero(keep)
+        elif keep.size == 0:
+            keep = np.zeros(0, np.int64)  # np.asarray([]) is float64, which cannot index
+        return AgentTracks(self.tokens, self.sample[keep], [self.instance[i] for i in keep], self.history[keep],
                            self.history_valid[keep], self.future[keep], self.pose[keep], self.label[keep],
                            self.speed[keep])
 

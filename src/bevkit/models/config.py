@@ -19,8 +19,25 @@ from bevkit.ops import BEVGridSpec
 Bound = tuple[float, float, float]
 
 
+# Whole-number settings that may be 0; every other one (channels, heads, layers, points, sizes) is at least 1.
+_ZERO_ALLOWED = {"free_class", "min_radius"}
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _sizes_positive(self):
+        for name, value in self:
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value < (0 if name in _ZERO_ALLOWED else 1):
+                raise ValueError(f"{name} must be at least {0 if name in _ZERO_ALLOWED else 1}, got {value}")
+            if isinstance(value, float) and name.endswith(("_weight", "_threshold", "threshold")) and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+            if isinstance(value, tuple) and name in ("out_indices",) and any(v < 0 for v in value):
+                raise ValueError(f"{name} must not hold negative indices, got {value}")
+        return self
 
 
 class GridConfig(Frozen):

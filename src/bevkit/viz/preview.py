@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from matplotlib.patches import Polygon as MplPolygon  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bevkit.data.dataset import read_points  # noqa: E402
 from bevkit.data.nuscenes import CATEGORY_TO_CLASS, DataError, NuScenesTables, box_corners  # noqa: E402
 from bevkit.geometry import apply, inverse, project  # noqa: E402
 
@@ -71,6 +73,9 @@ def render_preview(root, sample_key, out, version: str | None = None, bev_range:
 
     ``sample_key`` is a sample token or an index in (scene, time) order.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"{out}: is a folder; name the PNG file to write")
     db = NuScenesTables(root, version)
     sample = db.sample(sample_key)
     boxes, names = db.boxes_ego(sample)
@@ -85,7 +90,11 @@ def render_preview(root, sample_key, out, version: str | None = None, bev_range:
             path = db.root / sd["filename"]
             if not path.is_file():
                 raise DataError(f"{path}: image of sample {sample['token']} ({channel}) is missing")
-            img = np.asarray(Image.open(path).convert("RGB"))
+            try:
+                with Image.open(path) as im:
+                    img = np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise DataError(f"{path}: cannot read image of sample {sample['token']} ({e})") from None
             ax.imshow(img)
             cam_from_ego = inverse(db.ego_from_sensor(sd))
             k = db.intrinsics(sd)
@@ -94,7 +103,8 @@ def render_preview(root, sample_key, out, version: str | None = None, bev_range:
                 if (corners[:, 2] < 0.5).any():
                     continue
                 uv, _ = project(k, corners)
-                if uv[:, 0].max() < 0 or uv[:, 0].min() > img.shape[1] or uv[:, 1].max() < 0 or uv[:, 1].min() > img.shape[0]:
+                outside_x = uv[:, 0].max() < 0 or uv[:, 0].min() > img.shape[1]
+                if outside_x or uv[:, 1].max() < 0 or uv[:, 1].min() > img.shape[0]:
                     continue
                 colour = CLASS_COLOURS[cls]
                 for a, b in EDGES:
@@ -119,7 +129,7 @@ def render_preview(root, sample_key, out, version: str | None = None, bev_range:
         for line in layers.get(layer, []):
             xy = apply(ego_from_global, np.c_[line, np.zeros(len(line))])[:, :2]
             ax.plot(xy[:, 0], xy[:, 1], color=colour, lw=1.0, zorder=2)
-    points = np.fromfile(db.root / lidar_sd["filename"], dtype=np.float32).reshape(-1, 5)
+    points = read_points(db.root / lidar_sd["filename"])  # a truncated file is a DataError
     pts_ego = apply(db.ego_from_sensor(lidar_sd), points[:, :3].astype(np.float64))
     near = (np.abs(pts_ego[:, 0]) < bev_range) & (np.abs(pts_ego[:, 1]) < bev_range)
     ax.scatter(pts_ego[near, 0], pts_ego[near, 1], c=np.clip(pts_ego[near, 2], -1, 4), cmap="viridis", s=0.6,
@@ -140,10 +150,18 @@ def render_preview(root, sample_key, out, version: str | None = None, bev_range:
     ax.legend(loc="lower left", fontsize=7, ncol=2, framealpha=0.8)
     scene = db.get("scene", sample["scene_token"])
     fig.suptitle(f"{scene['name']}  sample {sample['token']}  ({len(boxes)} annotations)", fontsize=11, y=0.995)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{out}: cannot create the folder {out.parent} ({e.strerror})") from None
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the preview ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):  # left only by a failed write
+            tmp.unlink()
     return out

@@ -289,6 +289,22 @@ def test_overwrite_replaces_only_when_complete(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_the_dataset_folder_follows_the_umask_and_replaces_a_plain_file(tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "data"
+    out.write_text("a file in the way")
+    old = os.umask(0o022)
+    try:
+        writer.generate(out, preset="tiny", workers=1, progress=False, samples=2, scale=0.1, lidar_hz=2,
+                        overwrite=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # readable by others, as mkdir makes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing left beside it
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(preset="huge"), "unknown preset"),
     (dict(preset="tiny", scale=2.0), "image scale"),

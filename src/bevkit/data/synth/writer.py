@@ -397,8 +397,14 @@ def generate(out: str | os.PathLike, preset: str = "mini", seed: int = 0, scale:
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the dataset folder there ({e.strerror})", str(out.parent)) from None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp makes it private)
     t0 = time.time()
     try:
         jobs = scene_jobs(tmp, preset, seed, scale, lidar_hz, samples)
@@ -417,7 +423,10 @@ def generate(out: str | os.PathLike, preset: str = "mini", seed: int = 0, scale:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --overwrite of a plain file
+                old.unlink()
         else:
             tmp.rename(out)
         return summary
