@@ -220,6 +220,13 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where it is."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[str], object]]:
     """``["a.b=v", ...]`` -> ``[(["a", "b"], yaml value of v), ...]``."""
     out = []
@@ -230,7 +237,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[list[s
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         out.append((key.strip().split("."), parsed))
     return out
 
@@ -271,7 +278,7 @@ def load_experiment(path: str | Path, overrides=()) -> ExperimentConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     doc = apply_overrides(doc, overrides)

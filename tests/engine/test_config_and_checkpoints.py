@@ -24,6 +24,17 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path):
         load_experiment(tmp_path / "missing.yaml")
 
 
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  root: [a, b\nmodel: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(path)
+    assert "\n" not in str(e.value) and "not valid YAML" in str(e.value) and "line 3, column 6" in str(e.value)
+    with pytest.raises(ConfigError, match="value is not valid YAML .*line 1") as e:
+        load_experiment(write_yaml(tmp_path / "c.yaml", tiny_experiment(tmp_path, tmp_path / "run")), ["a.b=[1,"])
+    assert "\n" not in str(e.value)
+
+
 def test_overrides_are_typed_and_checked(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", tiny_experiment(tmp_path, tmp_path / "run"))
     cfg = load_experiment(path, ["train.epochs=3", "data.sweeps=2", "model.heads.detection.channels=4"])

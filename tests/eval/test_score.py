@@ -36,6 +36,7 @@ def write(tmp_path, data):
     ("size", [1.0, 0.0, 2.0], ["size", "positive"]),
     ("detection_score", "high", ["detection_score"]),
     ("detection_score", -0.5, ["detection_score", ">= 0", "-0.5"]),
+    ("detection_score", True, ["detection_score", "True"]),
     ("attribute_name", "vehicle.flying", ["attribute_name", "vehicle.flying"]),
     ("sample_token", "elsewhere", ["sample_token", "elsewhere"]),
 ])
@@ -50,11 +51,12 @@ def test_bad_box_names_sample_and_field(good, tiny_root, tmp_path, field, value,
         assert w in msg, (w, msg)
 
 
-def test_missing_field_is_named(good, tiny_root, tmp_path):
+@pytest.mark.parametrize("field", ["velocity", "sample_token"])
+def test_missing_field_is_named(good, tiny_root, tmp_path, field):
     data = copy.deepcopy(good)
     token, box = first(data)
-    del box["velocity"]
-    with pytest.raises(ResultsError, match=f"sample {token}, box 0: field 'velocity' is missing"):
+    del box[field]
+    with pytest.raises(ResultsError, match=f"sample {token}, box 0: field '{field}' is missing"):
         score(write(tmp_path, data), tiny_root, "v1.0-mini", "mini_val", None)
 
 

@@ -29,7 +29,8 @@ class ResultsError(ValueError):
 
 
 _VECTORS = {"translation": 3, "size": 3, "rotation": 4, "velocity": 2}
-_REQUIRED = ("translation", "size", "rotation", "velocity", "detection_name", "detection_score", "attribute_name")
+_REQUIRED = ("sample_token", "translation", "size", "rotation", "velocity", "detection_name", "detection_score",
+             "attribute_name")
 
 
 def _is_number(x) -> bool:
@@ -115,7 +116,7 @@ def parse_results(results: dict, sample_tokens: list, source: str = "results", e
                 for k in ("translation", "size", "rotation", "velocity", "detection_score")}
         names = [CLASS_INDEX.get(b["detection_name"], -1) for b in flat]
         attrs = [ATTRIBUTE_INDEX.get(b["attribute_name"], -2) if b["attribute_name"] != "" else -1 for b in flat]
-        owners = [b.get("sample_token", t) for t, c in zip(tokens, counts) for b in results[t]]
+        owners = [b["sample_token"] for b in flat]
         npts = [b.get("num_pts", -1) for b in flat]
     except (KeyError, TypeError, ValueError, AttributeError):
         _slow_scan(source, tokens, results)
@@ -123,6 +124,7 @@ def parse_results(results: dict, sample_tokens: list, source: str = "results", e
     ok = n == 0 or (
         all(cols[k].dtype.kind in "iuf" and cols[k].shape == (n, d) for k, d in _VECTORS.items())
         and cols["detection_score"].dtype.kind in "iuf" and cols["detection_score"].shape == (n,)
+        and not any(isinstance(b["detection_score"], bool) for b in flat)
         and all(np.isfinite(cols[k]).all() for k in cols) and (cols["detection_score"] >= 0).all()
         and (cols["size"] > 0).all() and (cols["rotation"] != 0).any(axis=1).all()
         and min(names) >= 0 and min(attrs) >= -1
