@@ -27,6 +27,14 @@ class Interrupt(Callback):
             raise KeyboardInterrupt  # Lightning's graceful-shutdown path, as a user's Ctrl-C
 
 
+class InterruptValidation(Callback):
+    """Dies in the first validation of a training run, after the epoch's last step."""
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.training is False and trainer.state.fn == "fit":
+            raise KeyboardInterrupt
+
+
 def weights(run):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     return ckpt["state_dict"], ckpt["ema"], ckpt["global_step"]
@@ -53,6 +61,37 @@ def test_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tiny_root, tmp_p
         assert torch.equal(sa[k], sb[k]), k
     for k in ea:
         assert torch.equal(ea[k], eb[k]), k
+
+
+def test_interrupted_in_an_epochs_validation_resumes_into_it(tiny_root, tmp_path, index_cache):
+    # Step checkpoints every step; the first epoch's validation is interrupted. The resumed run must still
+    # validate that epoch (its best checkpoint exists) and end with the uninterrupted weights.
+    common = dict(epochs=2, checkpoint_every=1, deterministic=True, val_every=1)
+    straight = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(tiny_root, tmp_path / "a", **common)))
+    train(straight, progress=False)
+    broken = load_experiment(write_yaml(tmp_path / "b.yaml", tiny_experiment(tiny_root, tmp_path / "b", **common)))
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, progress=False, callbacks=[InterruptValidation()])
+    assert weights(tmp_path / "b")[2] == 2  # the last checkpoint is one step before the epoch's end
+    train(broken, resume=True, progress=False)
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("best-*.ckpt"))
+    assert names == sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
+    assert names
+
+    def validated_epochs(run):  # from the CSV logs of every session of the run
+        import csv
+
+        rows = [r for f in sorted((run / "logs").glob("version_*/metrics.csv")) for r in csv.DictReader(f.open())]
+        return sorted({int(r["epoch"]) for r in rows if r.get("val/NDS")})
+
+    assert validated_epochs(tmp_path / "a") == validated_epochs(tmp_path / "b") == [0, 1]
+    best = [torch.load(tmp_path / r / "checkpoints" / names[0], map_location="cpu", weights_only=True)["state_dict"]
+            for r in ("a", "b")]
+    assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
+    sa, ea, na = weights(tmp_path / "a")
+    sb, eb, nb = weights(tmp_path / "b")
+    assert na == nb == 6
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
 def test_ctrl_c_on_train_exits_130_with_one_line(tiny_root, tmp_path, index_cache):

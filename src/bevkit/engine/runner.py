@@ -87,7 +87,11 @@ class LastCheckpoint(Callback):
         self._saved_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # with gradient accumulation the step count stays put for several batches: save once per step
+        # with gradient accumulation the step count stays put for several batches: save once per step.
+        # Not after an epoch's last batch: the epoch's validation runs before its end, and a run resumed
+        # from a position past every batch would skip it; the epoch-end checkpoint follows it instead.
+        if trainer.is_last_batch:
+            return
         if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self._saved_step:
             trainer.save_checkpoint(str(self.path))
             self._saved_step = trainer.global_step
