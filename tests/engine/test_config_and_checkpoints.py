@@ -164,3 +164,56 @@ def test_ema_follows_the_ramped_decay(tmp_path, tiny_root, monkeypatch):
     assert ints
     for k in ints:  # counters (e.g. batch-norm batches seen) are copied, not averaged
         assert torch.equal(module.ema[k], module.model.state_dict()[k])
+
+
+def test_weight_decay_spares_norms_and_biases(tmp_path, tiny_root, monkeypatch):
+    from bevkit.engine.module import BEVLitModule
+
+    cfg = ExperimentConfig(**tiny_experiment(tiny_root, tmp_path / "run", weight_decay=0.5, lr=0.1,
+                                             optimizer="adamw"))
+    module = BEVLitModule(cfg)
+    monkeypatch.setattr(BEVLitModule, "total_steps", lambda self: 10)
+    opt = module.configure_optimizers()["optimizer"]
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.5 and opt.param_groups[1]["weight_decay"] == 0.0
+    names = dict(module.model.named_parameters())
+    norms = [n for n, m in module.model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(id(names[f"{n}.weight"]) not in decayed for n in norms)
+    assert all((id(p) in decayed) == (p.ndim > 1) for p in names.values())
+    # One step with zero gradients: only the decayed tensors move (AdamW's decoupled decay).
+    before = {n: p.detach().clone() for n, p in names.items()}
+    for p in names.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in names.items():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (p.ndim > 1 and bool(before[n].abs().sum() > 0)), n
+
+
+def test_trainer_takes_clipping_accumulation_and_precision(tmp_path, tiny_root):
+    from bevkit.engine.runner import make_trainer
+
+    cfg = ExperimentConfig(**tiny_experiment(tiny_root, tmp_path / "run", grad_clip=3.5, accumulate=2,
+                                             precision="bf16"))
+    trainer = make_trainer(cfg, tmp_path / "run", fit=False, progress=False)
+    assert trainer.gradient_clip_val == 3.5 and trainer.accumulate_grad_batches == 2
+    assert trainer.precision == "bf16-mixed"
+
+
+def test_class_map_renames_categories_for_the_reader(tmp_path, tiny_root):
+    from bevkit.engine.data import BEVDataModule
+
+    doc = tiny_experiment(tiny_root, tmp_path / "run")
+    plain = BEVDataModule(ExperimentConfig(**doc)).dataset("mini_val", train=False)
+    # A T4-style dataset: its own category names; here every car is read as a truck and nothing else is kept.
+    doc["data"]["class_map"] = {"vehicle.car": "truck"}
+    mapped = BEVDataModule(ExperimentConfig(**doc)).dataset("mini_val", train=False)
+    car, truck = plain.base.class_index["car"], plain.base.class_index["truck"]
+    cars = 0
+    for i in range(len(plain.base)):
+        a, b = plain.base[i], mapped.base[i]
+        assert b["labels"].tolist() == [truck] * int((a["labels"] == car).sum())
+        assert torch.equal(b["boxes"], a["boxes"][a["labels"] == car])
+        cars += int((a["labels"] == car).sum())
+        assert len(a["labels"]) > int((a["labels"] == car).sum())  # other classes were there, and are dropped
+    assert cars > 0
