@@ -230,3 +230,24 @@ def test_a_temporal_model_caches_what_the_training_module_computes(tiny_root, tm
         feats = module.run(batch)["features"].half()
     for j, token in enumerate(batch["token"]):
         assert torch.equal(open_entry(out / "entries" / entry_name(token)), feats[j])
+
+
+def test_features_that_overflow_float16_are_failed_with_a_hint(tiny_model, tmp_path, monkeypatch):
+    import bevkit.cache.writer as writer
+
+    cfg_path, ckpt = tiny_model
+    real = writer.bev_features
+
+    def loud(model, batch):  # the first sample's features beyond float16's range (65504)
+        feats = real(model, batch).clone()
+        feats[[j for j, i in enumerate(batch["index"]) if i == 0]] += 1e6
+        return feats
+
+    monkeypatch.setattr(writer, "bev_features", loud)
+    half = write_cache(load_experiment(cfg_path), ckpt, tmp_path / "half", split=SPLIT, progress=False)
+    [failed] = half.failed
+    assert failed["index"] == 0 and "not finite in float16" in failed["reason"] and "bfloat16" in failed["reason"]
+    assert half.written == 5
+    full = write_cache(load_experiment(cfg_path), ckpt, tmp_path / "full", split=SPLIT, dtype="float32",
+                       progress=False)
+    assert not full.failed and full.written == 6
