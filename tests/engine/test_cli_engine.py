@@ -51,6 +51,15 @@ def test_engine_errors_are_one_line(trained_run, tiny_root, tmp_path, capsys):
     # A config whose model differs from the checkpoint's is refused, naming the differing key.
     assert main(["eval", cfg_path, str(ckpt), "--set", "model.lidar.channels=16"]) == 2
     assert "model.lidar.channels" in capsys.readouterr().err
+    # Decoding settings are not weights: they may be changed at evaluation, and change the predictions.
+    out = {}
+    for name, radii in (("a", "[2.0, 3.46, 3.16, 1.0, 0.92, 0.42]"), ("b", "[30.0, 30.0, 30.0, 30.0, 30.0, 30.0]")):
+        assert main(["predict", cfg_path, str(ckpt), "--out", str(tmp_path / f"{name}.json"),
+                     "--set", f"model.heads.detection.nms_radii={radii}",
+                     "--set", "model.heads.detection.score_threshold=0.0"]) == 0
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    count = {k: sum(len(v) for v in r.values()) for k, r in out.items()}
+    assert count["a"] > count["b"] > 0
 
     assert main(["train", cfg_path, "--resume", "--set", f"out={tmp_path / 'fresh'}"]) == 2
     assert "nothing to resume from" in capsys.readouterr().err

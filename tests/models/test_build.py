@@ -154,6 +154,73 @@ def test_bevformer_reads_the_previous_bev_aligned_by_ego_motion():
         assert (a["bev"] - b["bev"]).abs().max() > 1e-2 * a["bev"].std()
 
 
+def _mirror_batch(cfg):
+    batch = make_batch(cfg, n_cams=2, batch=1)
+    cams = batch["ego_from_cam"].clone()
+    cams[..., 1, 3] += 0.0137  # off the cell boundary y = 0, where a mirrored point would change cells
+    return {**batch, "ego_from_cam": cams}, torch.diag(torch.tensor([1.0, -1.0, 1.0, 1.0])).unsqueeze(0)
+
+
+def test_lift_splat_bev_follows_the_bev_augmentation():
+    """Under a BEV augmentation (here a mirror across the x axis, as ``flip_y``) the targets move into the
+    augmented frame; the camera BEV must move with them: the plain one mirrored along Y."""
+    cfg = load_config(CONFIGS / "bevdet-synth.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    batch, mirror = _mirror_batch(cfg)
+    seen = []
+    hook = model.view_transform.register_forward_hook(lambda module, args, out: seen.append(out[0].detach()))
+    with torch.no_grad():
+        model.encode({**batch, "bev_aug": torch.eye(4).unsqueeze(0)})
+        model.encode({**batch, "bev_aug": mirror})
+    hook.remove()
+    plain, mirrored = seen
+    assert plain.abs().max() > 0 and not torch.allclose(mirrored, plain, atol=1e-3)
+    torch.testing.assert_close(mirrored, plain.flip(-2), rtol=1e-4, atol=1e-5)
+
+
+def test_depth_labels_are_unchanged_by_a_bev_augmentation():
+    """Points and cameras both move into the augmented frame (rotation, scale, mirror): every pixel keeps
+    its LiDAR depth label."""
+    import math
+
+    from bevkit.models.bev_model import camera_geometry
+    from bevkit.models.view_transforms import depth_targets
+
+    cfg = load_config(CONFIGS / "bevdepth-synth.yaml")
+    batch = make_batch(cfg, n_cams=2, batch=1)
+    c, s_, k = math.cos(0.4), math.sin(0.4), 1.07
+    aug = torch.tensor([[k * c, -k * s_, 0, 0], [-k * s_, -k * c, 0, 0], [0, 0, k, 0], [0, 0, 0, 1.0]])[None]
+    moved = [torch.cat([p[:, :3] @ aug[0, :3, :3].T, p[:, 3:]], 1) for p in batch["points"]]
+    args = ((16, 44), 4, (1.0, 40.0, 0.5))  # 64 x 176 images at stride 4
+    plain = depth_targets(batch["points"], *camera_geometry({**batch, "bev_aug": torch.eye(4)[None]}), *args)
+    auged = depth_targets(moved, *camera_geometry({**batch, "bev_aug": aug}), *args)
+    assert (plain >= 0).sum() > 20 and torch.equal(plain, auged)
+
+
+def test_bevformer_queries_look_where_the_augmented_cell_is():
+    """BEVFormer's spatial cross-attention: under the mirror, the query of cell (iy, ix) samples the
+    cameras where the plain query of cell (Y - 1 - iy, ix) does."""
+    from bevkit.models.bevformer import SpatialCrossAttention
+
+    cfg = load_config(CONFIGS / "bevformer-synth.yaml")
+    model = build_model(cfg).eval()
+    batch, mirror = _mirror_batch(cfg)
+    seen = []
+    sca = next(m for m in model.modules() if isinstance(m, SpatialCrossAttention))
+    hook = sca.register_forward_pre_hook(lambda module, args: seen.append((args[2].detach(), args[3].detach())))
+    with torch.no_grad():
+        model.encode({**batch, "bev_aug": torch.eye(4).unsqueeze(0)})
+        model.encode({**batch, "bev_aug": mirror})
+    hook.remove()
+    (ref0, seen0), (ref1, seen1) = seen[0], seen[-1]  # (B, N, Q, Z, 2), (B, N, Q, Z)
+    ny, nx = cfg.grid.shape
+    flip = lambda t: t.unflatten(2, (ny, nx)).flip(2).flatten(2, 3)  # noqa: E731
+    assert seen0.any() and torch.equal(seen1, flip(seen0))
+    torch.testing.assert_close(torch.where(seen1[..., None], ref1, 0), torch.where(seen1[..., None], flip(ref0), 0),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_bevformer_aligns_the_previous_bev_by_the_motion_it_is_given():
     """The previous map the temporal attention reads: a blob one keyframe ago at (x, y) is now at
     curr_from_prev @ (x, y), here 2.4 m (three cells) to the left and 1.6 m (two cells) back."""

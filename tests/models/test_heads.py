@@ -153,3 +153,37 @@ def test_attribute_vocabulary_matches_the_evaluation():
     assert set(DetectionHeadConfig().attributes) == set(EVAL_ATTRIBUTES)
     head = CenterHead(8, GRID, DetectionHeadConfig(channels=8))
     assert [("attr" in t.branches) for t in head.tasks] == [True, True, True, False, True, True]
+
+
+def test_circle_nms_radii_are_centerpoints_squared_distance_thresholds():
+    """CenterPoint suppresses a centre when dx**2 + dy**2 <= min_radius (car 4, pedestrian 0.175): two cars
+    2.6 m apart are both kept (6.76 > 4), two at 1.9 m are one; two pedestrians 0.3 m apart are one
+    (0.09 <= 0.175), at 0.5 m two."""
+    from bevkit.models.config import CENTERPOINT_NMS_RADII, CENTERPOINT_TASKS
+    from bevkit.ops import circle_nms
+
+    car = CENTERPOINT_NMS_RADII[CENTERPOINT_TASKS.index(("car",))] ** 0.5  # as the head passes them
+    ped = CENTERPOINT_NMS_RADII[CENTERPOINT_TASKS.index(("pedestrian", "traffic_cone"))] ** 0.5
+    scores = torch.tensor([0.9, 0.8])
+    for gap, radius, kept in ((2.6, car, 2), (1.9, car, 1), (0.3, ped, 1), (0.5, ped, 2)):
+        centres = torch.tensor([[10.0, 5.0], [10.0, 5.0 + gap]])
+        assert len(circle_nms(centres, scores, radius)) == kept, (gap, radius)
+
+
+def test_centerhead_passes_the_square_roots_of_its_radii(monkeypatch):
+    from pathlib import Path
+
+    from tiny_batch import make_batch
+
+    import bevkit.models.heads.detection as detection
+    from bevkit.models import build_model, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "pointpillars-synth.yaml")
+    model = build_model(cfg).eval()
+    passed = []
+    real = detection.circle_nms
+    monkeypatch.setattr(detection, "circle_nms", lambda c, s, r, groups=None: passed.append(r) or real(c, s, r, groups))
+    with torch.no_grad():
+        model.decode(model(make_batch(cfg, n_cams=1, batch=1)))
+    expected = [r ** 0.5 for r in cfg.heads.detection.nms_radii]
+    assert passed == pytest.approx(expected)

@@ -117,13 +117,17 @@ def test_full_size_presets_build(preset):
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
 
 
-@pytest.mark.parametrize("preset", ["bevdet-synth.yaml", "bevformer-synth.yaml", "bevfusion-synth.yaml"])  # bev_pool, deform_attn, sparse_conv3d
+# bev_pool, deform_attn, sparse_conv3d; BEVDepth's depth loss and deformable depth net
+@pytest.mark.parametrize("preset", ["bevdet-synth.yaml", "bevformer-synth.yaml", "bevfusion-synth.yaml",
+                                    "bevdepth-synth.yaml"])
 def test_a_training_step_under_bf16_autocast(preset):
-    # The sparse ops have no bf16 CSR kernel on CPU; the models run them in float32 inside autocast.
+    # The sparse ops have no bf16 CSR kernel on CPU; the models run them in float32 inside autocast. The
+    # batch carries a BEV augmentation, composed with the camera poses in float32.
     cfg = load_config(CONFIGS / preset)
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = make_batch(cfg, n_cams=2, batch=2)
+    batch["bev_aug"] = torch.diag(torch.tensor([1.02, -1.02, 1.02, 1.0])).expand(2, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
         losses = model.loss(out, batch)

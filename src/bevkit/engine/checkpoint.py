@@ -99,10 +99,17 @@ def init_weights(model: BEVModel, path) -> list[str]:
     return sorted(k for k in own if k not in state)
 
 
+# Head settings used only when decoding predictions: they may differ from the checkpoint's (tuned at
+# evaluation time) since no weight depends on them.
+DECODE_ONLY = frozenset({"nms_radii", "score_threshold", "max_boxes", "max_per_task", "threshold"})
+
+
 def check_same_model(cfg: ExperimentConfig, saved: ExperimentConfig, path) -> None:
-    """The config given on the command line must describe the checkpoint's model (data may differ)."""
+    """The config given on the command line must describe the checkpoint's model (data may differ, and so
+    may the heads' decoding settings, ``DECODE_ONLY``)."""
     a, b = cfg.to_dict()["model"], saved.to_dict()["model"]
-    diff = sorted(_differences(a, b, "model"))
+    diff = sorted(d for d in _differences(a, b, "model")
+                  if not (d.startswith("model.heads.") and d.rsplit(".", 1)[-1] in DECODE_ONLY))
     if diff:
         raise CheckpointError(f"{path}: the config's model differs from the checkpoint's at {', '.join(diff[:6])}")
 

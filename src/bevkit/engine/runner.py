@@ -127,7 +127,7 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
         precision=PRECISION[t.precision], max_epochs=t.epochs if t.epochs > 0 else -1, max_steps=t.max_steps,
         gradient_clip_val=t.grad_clip, accumulate_grad_batches=t.accumulate, check_val_every_n_epoch=t.val_every,
-        log_every_n_steps=t.log_every, deterministic=t.deterministic, use_distributed_sampler=False,
+        log_every_n_steps=t.log_every, deterministic="warn" if t.deterministic else False, use_distributed_sampler=False,
         num_sanity_val_steps=0, default_root_dir=str(out), logger=loggers, callbacks=cbs,
         enable_checkpointing=fit, enable_progress_bar=progress, enable_model_summary=fit,
         plugins=[AtomicCheckpointIO()])

@@ -4,7 +4,10 @@ Tensors in, tensors out. A batch is the collated sample dict of ``bevkit.data.da
 reads only the keys its branches need:
 
 - camera branch: ``images`` (B, N, 3, H, W) uint8 (or float, already normalised), ``intrinsics``,
-  ``img_aug`` (B, N, 3, 3), ``ego_from_cam`` (B, N, 4, 4);
+  ``img_aug`` (B, N, 3, 3), ``ego_from_cam`` (B, N, 4, 4), and the BEV augmentation ``bev_aug``
+  (B, 4, 4) if any: the cameras are placed in the augmented ego frame (``bev_aug @ ego_from_cam``),
+  where the points, boxes, map and occupancy targets already are (as BEVDet applies its BDA matrix
+  to the frustum);
 - LiDAR branch (and the depth loss): ``points``, B tensors (P_b, 5) in ego;
 - temporal (BEVDet4D, or BEVFormer's temporal self-attention with T = 2): optional ``prev_bev``
   (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4).
@@ -24,8 +27,22 @@ from bevkit.data.dataset import normalise
 from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
 from bevkit.models.map_prior import MapPriorFusion
-from bevkit.models.view_transforms import DepthLiftSplat, depth_loss, depth_targets
+from bevkit.models.view_transforms import DepthLiftSplat, depth_loss, depth_targets, full_precision
 
+
+def camera_geometry(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``intrinsics``, ``img_aug`` and the cameras' poses in the (augmented) ego frame of the batch:
+    ``bev_aug @ ego_from_cam``, the frame of the points and targets.
+
+    Shapes:
+        returns: (B, N, 3, 3), (B, N, 3, 3), (B, N, 4, 4)
+    """
+    ego_from_cam = batch["ego_from_cam"]
+    aug = batch.get("bev_aug")
+    if aug is not None:
+        with full_precision(ego_from_cam):  # poses stay float32 under autocast
+            ego_from_cam = aug.to(ego_from_cam).unsqueeze(1) @ ego_from_cam
+    return batch["intrinsics"], batch["img_aug"], ego_from_cam
 
 class BEVModel(nn.Module):
     """Backbone + neck + view transform (camera), pillars (LiDAR), fuser, temporal, map prior, BEV
@@ -66,7 +83,7 @@ class BEVModel(nn.Module):
         bevs, depth = [], None
         if self.view_transform is not None:
             feats = self.image_features(batch["images"])
-            geometry = (batch["intrinsics"], batch["img_aug"], batch["ego_from_cam"])
+            geometry = camera_geometry(batch)
             if isinstance(self.view_transform, BEVFormerEncoder):  # reads its own history
                 cam_bev, depth = self.view_transform(feats, *geometry, batch.get("prev_bev"),
                                                      batch.get("curr_from_prev"))
@@ -148,9 +165,8 @@ class BEVModel(nn.Module):
         vt = self.cfg.view_transform
         if vt is not None and vt.depth_loss_weight > 0 and "depth" in outputs:
             depth = outputs["depth"]
-            labels = depth_targets(targets["points"], targets["intrinsics"], targets["img_aug"],
-                                   targets["ego_from_cam"], depth.shape[-2:], self.view_transform.stride,
-                                   self.view_transform.dbound)
+            labels = depth_targets(targets["points"], *camera_geometry(targets), depth.shape[-2:],
+                                   self.view_transform.stride, self.view_transform.dbound)
             terms["depth"] = vt.depth_loss_weight * depth_loss(depth, labels)
         terms["loss"] = sum(terms.values())
         return terms

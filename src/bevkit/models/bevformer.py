@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bevkit.models.config import GridConfig
-from bevkit.models.view_transforms import rigid_inverse
+from bevkit.models.view_transforms import full_precision, rigid_inverse
 from bevkit.ops import bev_warp, deform_attn
 
 
@@ -182,11 +182,11 @@ class BEVFormerEncoder(nn.Module):
         pos = torch.cat([self.row_embed.view(ny, 1, -1).expand(ny, nx, -1),
                          self.col_embed.view(1, nx, -1).expand(ny, nx, -1)], dim=-1).view(ny * nx, -1)
         q = (self.queries + pos).unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
-        with torch.no_grad():
-            pts = self.pillar_points(feats)  # (Q, Z, 3)
-            cam_from_ego = rigid_inverse(ego_from_cam)
+        with torch.no_grad(), full_precision(feats):  # the projection in float32 whatever autocast does
+            pts = self.pillar_points(feats).float()  # (Q, Z, 3)
+            cam_from_ego = rigid_inverse(ego_from_cam.float())
             cam = torch.einsum("bnij,qzj->bnqzi", cam_from_ego[..., :3, :3], pts) + cam_from_ego[..., None, None, :3, 3]
-            uvw = torch.einsum("bnij,bnqzj->bnqzi", img_aug @ intrinsics, cam)  # (B, N, Q, Z, 3)
+            uvw = torch.einsum("bnij,bnqzj->bnqzi", img_aug.float() @ intrinsics.float(), cam)  # (B, N, Q, Z, 3)
             front = uvw[..., 2] > 0.1
             uv = uvw[..., :2] / torch.where(front, uvw[..., 2], torch.ones_like(uvw[..., 2])).unsqueeze(-1)
             ref_cam = (uv + 0.5) / uv.new_tensor([self.stride * wf, self.stride * hf])  # (B, N, Q, Z, 2)

@@ -9,6 +9,8 @@ a stride-``s`` map covers pixels ``[j s, (j + 1) s)``, so its centre is at pixel
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,14 +19,28 @@ from bevkit.models.bev_encoders import BasicBlock
 from bevkit.models.config import GridConfig
 from bevkit.ops import bev_pool, bev_pool_plan, deform_conv2d
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def full_precision(like: Tensor):
+    """Autocast off on ``like``'s device, for geometry (poses, projections, sampling positions) and
+    losses that half precision breaks: CUDA autocast runs matmuls in half, has no half ``linalg.inv``
+    and refuses ``binary_cross_entropy``. Callers pass float32 tensors inside."""
+    if like.device.type not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
 
 def rigid_inverse(m: Tensor) -> Tensor:
-    """Inverse of rigid 4x4 transforms in closed form (``src_from_dst`` from ``dst_from_src``).
+    """Inverse of 4x4 similarity transforms in closed form (``src_from_dst`` from ``dst_from_src``): a
+    rotation, possibly with a reflection and a uniform scale (a camera pose composed with ``bev_aug``).
 
     Shapes:
         m: (..., 4, 4)   returns: (..., 4, 4)
     """
-    rot_t = m[..., :3, :3].transpose(-1, -2)
+    a = m[..., :3, :3]
+    scale2 = (a[..., :, 0] ** 2).sum(-1)[..., None, None]  # s**2, 1 for a rigid transform
+    rot_t = a.transpose(-1, -2) / scale2
     out = torch.zeros_like(m)
     out[..., :3, :3] = rot_t
     out[..., :3, 3] = -(rot_t @ m[..., :3, 3:4]).squeeze(-1)
@@ -65,15 +81,18 @@ def frustum_points_ego(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor
         intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)   depths: (D,)
         returns: (B, N, D, H, W, 3) in ego
     """
-    u, v = feature_pixel_centres(h, w, stride, depths)
-    d = depths.numel()
-    pix = torch.stack([u.view(1, 1, w).expand(d, h, w), v.view(1, h, 1).expand(d, h, w),
-                       torch.ones(d, h, w, dtype=depths.dtype, device=depths.device)], dim=-1)
-    pix = pix * depths.view(d, 1, 1, 1)  # (D, H, W, 3): (u z, v z, z)
-    cam_from_img = torch.linalg.inv(img_aug @ intrinsics)  # (B, N, 3, 3)
-    ego_from_img = ego_from_cam[..., :3, :3] @ cam_from_img  # (B, N, 3, 3)
-    xyz = torch.einsum("bnij,dhwj->bndhwi", ego_from_img, pix)  # (B, N, D, H, W, 3)
-    return xyz + ego_from_cam[..., None, None, None, :3, 3]
+    with full_precision(depths):  # float32 at least, whatever autocast is on
+        dtype = torch.promote_types(depths.dtype, torch.float32)
+        depths, intrinsics, img_aug, ego_from_cam = (t.to(dtype) for t in (depths, intrinsics, img_aug, ego_from_cam))
+        u, v = feature_pixel_centres(h, w, stride, depths)
+        d = depths.numel()
+        pix = torch.stack([u.view(1, 1, w).expand(d, h, w), v.view(1, h, 1).expand(d, h, w),
+                           torch.ones(d, h, w, dtype=depths.dtype, device=depths.device)], dim=-1)
+        pix = pix * depths.view(d, 1, 1, 1)  # (D, H, W, 3): (u z, v z, z)
+        cam_from_img = torch.linalg.inv(img_aug @ intrinsics)  # (B, N, 3, 3)
+        ego_from_img = ego_from_cam[..., :3, :3] @ cam_from_img  # (B, N, 3, 3)
+        xyz = torch.einsum("bnij,dhwj->bndhwi", ego_from_img, pix)  # (B, N, D, H, W, 3)
+        return xyz + ego_from_cam[..., None, None, None, :3, 3]
 
 
 class LiftSplat(nn.Module):
@@ -166,6 +185,12 @@ def nearest_point_depth(points: list[Tensor], intrinsics: Tensor, img_aug: Tenso
     """
     h, w = hw
     b, n = intrinsics.shape[:2]
+    with full_precision(intrinsics):
+        return _nearest_point_depth(points, *(t.float() for t in (intrinsics, img_aug, ego_from_cam)), h, w,
+                                    stride, depth_ok, b, n)
+
+
+def _nearest_point_depth(points, intrinsics, img_aug, ego_from_cam, h, w, stride, depth_ok, b, n):
     out = torch.full((b, n, h * w), float("inf"), dtype=intrinsics.dtype, device=intrinsics.device)
     cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
     img_from_cam = img_aug @ intrinsics  # (B, N, 3, 3)
@@ -387,10 +412,11 @@ def depth_loss(depth: Tensor, targets: Tensor) -> Tensor:
     """
     d = depth.shape[2]
     valid = targets >= 0  # (B, N, H, W)
-    probs = depth.permute(0, 1, 3, 4, 2)[valid].clamp(1e-6, 1 - 1e-6)  # (V, D)
-    onehot = F.one_hot(targets[valid], d).to(probs.dtype)
-    loss = F.binary_cross_entropy(probs, onehot, reduction="sum")
-    return loss / valid.sum().clamp(min=1)
+    with full_precision(depth):  # in float32: half rounds 1 - 1e-6 to 1, and CUDA autocast refuses the BCE
+        probs = depth.permute(0, 1, 3, 4, 2)[valid].float().clamp(1e-6, 1 - 1e-6)  # (V, D)
+        onehot = F.one_hot(targets[valid], d).to(probs.dtype)
+        loss = F.binary_cross_entropy(probs, onehot, reduction="sum")
+        return loss / valid.sum().clamp(min=1)
 
 
 class BilinearLift(nn.Module):
@@ -427,21 +453,22 @@ class BilinearLift(nn.Module):
             returns: bev (B, C, Y, X), None (no depth distribution)
         """
         b, n, c, h, w = feats.shape
-        xyz = self.voxel_centres(feats)  # (Z, Y, X, 3)
-        nz, ny, nx = xyz.shape[:3]
-        cam_from_ego = rigid_inverse(ego_from_cam)  # (B, N, 4, 4)
-        cam = torch.einsum("bnij,zyxj->bnzyxi", cam_from_ego[..., :3, :3], xyz) \
-            + cam_from_ego[..., None, None, None, :3, 3]  # (B, N, Z, Y, X, 3)
-        uvw = torch.einsum("bnij,bnzyxj->bnzyxi", img_aug @ intrinsics, cam)
-        z = uvw[..., 2]
-        in_front = z > 0.1
-        uv = uvw[..., :2] / torch.where(in_front, z, torch.ones_like(z)).unsqueeze(-1)
-        # Normalised grid_sample coordinates (align_corners=False): pixel u -> 2 (u + 0.5) / (s W) - 1.
-        size = uv.new_tensor([self.stride * w, self.stride * h])
-        norm = 2 * (uv + 0.5) / size - 1  # (B, N, Z, Y, X, 2)
-        seen = in_front & (norm.abs() <= 1).all(dim=-1)  # (B, N, Z, Y, X)
-        sampled = F.grid_sample(feats.flatten(0, 1), norm.view(b * n, nz * ny, nx, 2), mode="bilinear",
-                                padding_mode="zeros", align_corners=False)  # (B*N, C, Z*Y, X)
+        with full_precision(feats):  # the projection and sampling positions in float32
+            xyz = self.voxel_centres(feats).float()  # (Z, Y, X, 3)
+            nz, ny, nx = xyz.shape[:3]
+            cam_from_ego = rigid_inverse(ego_from_cam.float())  # (B, N, 4, 4)
+            cam = torch.einsum("bnij,zyxj->bnzyxi", cam_from_ego[..., :3, :3], xyz) \
+                + cam_from_ego[..., None, None, None, :3, 3]  # (B, N, Z, Y, X, 3)
+            uvw = torch.einsum("bnij,bnzyxj->bnzyxi", img_aug.float() @ intrinsics.float(), cam)
+            z = uvw[..., 2]
+            in_front = z > 0.1
+            uv = uvw[..., :2] / torch.where(in_front, z, torch.ones_like(z)).unsqueeze(-1)
+            # Normalised grid_sample coordinates (align_corners=False): pixel u -> 2 (u + 0.5) / (s W) - 1.
+            size = uv.new_tensor([self.stride * w, self.stride * h])
+            norm = 2 * (uv + 0.5) / size - 1  # (B, N, Z, Y, X, 2)
+            seen = in_front & (norm.abs() <= 1).all(dim=-1)  # (B, N, Z, Y, X)
+            sampled = F.grid_sample(feats.flatten(0, 1).float(), norm.view(b * n, nz * ny, nx, 2), mode="bilinear",
+                                    padding_mode="zeros", align_corners=False).to(feats.dtype)  # (B*N, C, Z*Y, X)
         sampled = sampled.view(b, n, c, nz, ny, nx) * seen.unsqueeze(2)
         vox = sampled.sum(1) / seen.sum(1).clamp(min=1).unsqueeze(1)  # (B, C, Z, Y, X)
         return self.reduce(vox.reshape(b, c * nz, ny, nx)), None

@@ -330,6 +330,12 @@ def deform_attn(
             chunk_queries = -(-q // -(-q // target))  # ceil(q / parts), parts = ceil(q / target)
         else:
             chunk_queries = q * max(1, target // max(1, q))
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
+        # Half precision: locations must not be rounded to a few pixels of a large map (bf16 keeps 8 bits),
+        # and the sparse products have no half kernel on the CPU. Computed in float32, returned as value.
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            return deform_attn(value.float(), shapes, sampling_locations.float(), attention_weights.float(),
+                               chunk_queries).to(value.dtype)
     return _DeformAttnCSR.apply(
         value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous(),
         shapes, max(1, int(chunk_queries)),
@@ -354,8 +360,10 @@ def deform_attn_exportable(
     b, s, m, dh = value.shape
     _, q, _, num_levels, num_points, _ = sampling_locations.shape
     v = value.permute(0, 2, 1, 3).reshape(b * m, s, dh)  # (B*heads, S, Dh)
-    loc = sampling_locations.permute(0, 2, 1, 3, 4, 5).reshape(b * m, q, num_levels, num_points, 2)
-    attn = attention_weights.permute(0, 2, 1, 3, 4).reshape(b * m, q, num_levels, num_points)
+    # Positions and bilinear weights in float32 at least: half floats round the pixel coordinates.
+    pos_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
+    loc = sampling_locations.to(pos_dtype).permute(0, 2, 1, 3, 4, 5).reshape(b * m, q, num_levels, num_points, 2)
+    attn = attention_weights.to(pos_dtype).permute(0, 2, 1, 3, 4).reshape(b * m, q, num_levels, num_points)
     out = v.new_zeros(b * m, q, dh)
     start = 0
     for level, (h, w) in enumerate(shapes):
@@ -370,8 +378,8 @@ def deform_attn_exportable(
             xi = x0 + dx
             yi = y0 + dy
             valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            wgt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * a * valid.to(a.dtype)
-            idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long() + start  # (B*heads, Q, P)
+            wgt = ((fx if dx else 1 - fx) * (fy if dy else 1 - fy) * a * valid.to(a.dtype)).to(v.dtype)
+            idx = yi.clamp(0, h - 1).long() * w + xi.clamp(0, w - 1).long() + start  # (B*heads, Q, P)
             gathered = torch.gather(v, 1, idx.reshape(b * m, q * num_points, 1).expand(-1, -1, dh))
             out = out + (gathered.view(b * m, q, num_points, dh) * wgt.unsqueeze(-1)).sum(2)
         start += h * w

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,14 +58,22 @@ def deform_conv2d(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     kh, kw = _check(x, offset, weight, groups)
     b, c, h, w = x.shape
     taps = kh * kw
-    pos = _sampling_grid(offset.to(x.dtype), kh, kw, padding, dilation)  # (B, G, taps, H, W, 2)
-    g = pos.shape[1]
-    # Pixel centres at integer coordinates: normalised u = (2 x + 1) / W - 1 with align_corners=False.
-    size = torch.tensor([w, h], device=x.device, dtype=x.dtype)
-    grid = (2 * pos + 1) / size - 1
+    # Tap positions in float32 at least: half floats round them to a few pixels.
+    pos_dtype = torch.promote_types(x.dtype, torch.float32)
+    autocast_off = torch.autocast(device_type=x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
+        else contextlib.nullcontext()
+    with autocast_off:
+        pos = _sampling_grid(offset.to(pos_dtype), kh, kw, padding, dilation)  # (B, G, taps, H, W, 2)
+        g = pos.shape[1]
+        # Pixel centres at integer coordinates: normalised u = (2 x + 1) / W - 1 with align_corners=False.
+        size = torch.tensor([w, h], device=x.device, dtype=pos_dtype)
+        grid = (2 * pos + 1) / size - 1
     grid = grid.view(b * g, taps * h, w, 2)
+    dtype = x.dtype
+    if dtype != grid.dtype:  # grid_sample takes one dtype: sample a float32 copy of a half input
+        x = x.float()
     cols = F.grid_sample(x.reshape(b * g, c // g, h, w), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False)  # (B*G, C/G, taps*H, W)
+                         align_corners=False).to(dtype)  # (B*G, C/G, taps*H, W)
     cols = cols.view(b, c, taps, h * w)
     o = weight.shape[0]
     cols = cols.view(b, groups, (c // groups) * taps, h * w)

@@ -193,7 +193,10 @@ def nms_rotated_reference(boxes: Tensor, scores: Tensor, iou_threshold: float,
 
 def circle_nms(centres: Tensor, scores: Tensor, radius: float, groups: Tensor | None = None,
                chunk: int = 2048) -> Tensor:
-    """Batched circle NMS (CenterPoint): drop a centre closer than ``radius`` to a kept, better one.
+    """Batched circle NMS (CenterPoint): drop a centre within ``radius`` of a kept, better one.
+
+    ``radius`` is a distance in metres; CenterPoint's ``min_radius`` values are thresholds on the squared
+    distance, so pass their square roots.
 
     Frames: centres in ego BEV ``(x, y)`` metres.
 
@@ -205,7 +208,7 @@ def circle_nms(centres: Tensor, scores: Tensor, radius: float, groups: Tensor | 
         return torch.zeros(0, dtype=torch.long, device=centres.device)
     r2 = radius * radius
     return _batched_suppress(centres, scores, groups,
-                             lambda a, b: ((a - b) ** 2).sum(-1) < r2, None, chunk)
+                             lambda a, b: ((a - b) ** 2).sum(-1) <= r2, None, chunk)
 
 
 def circle_nms_reference(centres: Tensor, scores: Tensor, radius: float,
@@ -221,7 +224,7 @@ def circle_nms_reference(centres: Tensor, scores: Tensor, radius: float,
     for i in order:
         if all(
             (groups is not None and int(groups[i]) != int(groups[j]))
-            or math.dist(pts[i], pts[j]) >= radius
+            or math.dist(pts[i], pts[j]) > radius
             for j in kept
         ):
             kept.append(i)

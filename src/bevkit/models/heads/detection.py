@@ -214,6 +214,7 @@ class CenterHead(nn.Module):
         """
         g = self.grid.bev_grid()
         b = outputs[0]["heatmap"].shape[0]
+        outputs = [{k: v.float() for k, v in out.items()} for out in outputs]  # box centres in float32
         per_sample = [[] for _ in range(b)]
         for out, classes, radius in zip(outputs, self.task_classes, self.cfg.nms_radii):
             heat = out["heatmap"].sigmoid()  # (B, K, Y, X)
@@ -243,7 +244,7 @@ class CenterHead(nn.Module):
             for i in range(b):
                 keep = scores[i] > self.cfg.score_threshold
                 bi, si, li, ai = boxes[i][keep], scores[i][keep], labels[i][keep], attr[i][keep]
-                kept = circle_nms(bi[:, :2], si, radius, groups=li)
+                kept = circle_nms(bi[:, :2], si, radius ** 0.5, groups=li)  # nms_radii: squared distances
                 per_sample[i].append((bi[kept], si[kept], li[kept], ai[kept]))
         results = []
         for parts in per_sample:
