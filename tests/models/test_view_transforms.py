@@ -70,6 +70,16 @@ def test_depth_labels_take_the_nearest_point_of_each_cell():
     # The back camera sees (-5, 0, 1.5) on its optical axis at depth 4 (bin 3), in row 1 (v = 23.5) or 2?
     # v = cy = 31.5 lies on the border of rows 1 ([15.5, 31.5)) and 2 ([31.5, 47.5)): row 2.
     assert both[0, 1, 2, 5] == 3 and (both[0, 1] >= 0).sum() == 1
+    # A point nearer than dbound's 1 m in front of the labelled one masks the cell (BEVDepth takes the
+    # nearest point first, then drops it if out of range), and earlier sweeps (time lag > 0) are ignored.
+    occluder = torch.tensor([[1.5 + 0.9, 0.0, 1.5 - 0.09, 0.0, 0.0]])  # depth 0.9 on the same ray
+    masked = depth_targets([torch.cat([points, occluder])], intr[:, :1], img_aug[:, :1], ego_from_cam[:, :1],
+                           (4, 11), 16, (1.0, 13.0, 1.0))
+    assert (masked[0, 0] >= 0).sum() == 0
+    swept = points.clone()
+    swept[:, 4] = 0.05
+    assert (depth_targets([swept], intr[:, :1], img_aug[:, :1], ego_from_cam[:, :1], (4, 11), 16,
+                          (1.0, 13.0, 1.0)) >= 0).sum() == 0
 
 
 def test_depth_loss_prefers_the_labelled_bin():

@@ -384,10 +384,12 @@ class CameraAwareLiftSplat(LiftSplat):
 
 def depth_targets(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
                   hw: tuple[int, int], stride: int, dbound: tuple[float, float, float]) -> Tensor:
-    """BEVDepth's depth labels: LiDAR points projected into each camera; each feature cell takes
-    the nearest point's depth bin, or -1 where no point lands.
+    """BEVDepth's depth labels: the keyframe's LiDAR points projected into each camera; each feature
+    cell takes the nearest point's depth bin, or -1 where no point lands or the nearest point is
+    outside ``dbound`` (a nearer occluder masks the cell, as in BEVDepth).
 
-    Frames: ``points`` (x, y, z first) in the ego frame of the sample.
+    Frames: ``points`` (x, y, z first; a fifth column is the time lag, 0 for the keyframe's points,
+    and earlier sweeps are left out) in the ego frame of the sample.
 
     Shapes:
         points: B tensors (P_b, F >= 3)   intrinsics, img_aug: (B, N, 3, 3)
@@ -396,10 +398,12 @@ def depth_targets(points: list[Tensor], intrinsics: Tensor, img_aug: Tensor, ego
     h, w = hw
     dmin, dmax, step = dbound
     b, n = intrinsics.shape[:2]
-    nearest = nearest_point_depth(points, intrinsics, img_aug, ego_from_cam, hw, stride,
-                                  lambda z: (z >= dmin) & (z < dmax))  # (B, N, H * W)
+    keyframe = [p[p[:, 4] == 0] if p.shape[1] > 4 else p for p in points]  # moving objects smear in sweeps
+    nearest = nearest_point_depth(keyframe, intrinsics, img_aug, ego_from_cam, hw, stride,
+                                  lambda z: z > 1e-3)  # (B, N, H * W), inf where no point
     bins = torch.floor((nearest - dmin) / step).clamp(max=round((dmax - dmin) / step) - 1)
-    out = torch.where(torch.isfinite(nearest), bins, torch.full_like(bins, -1)).long()
+    labelled = torch.isfinite(nearest) & (nearest >= dmin) & (nearest < dmax)
+    out = torch.where(labelled, bins, torch.full_like(bins, -1)).long()
     return out.view(b, n, h, w)
 
 
