@@ -63,16 +63,17 @@ def test_interrupted_mid_epoch_and_resumed_equals_uninterrupted(tiny_root, tmp_p
         assert torch.equal(ea[k], eb[k]), k
 
 
-def test_interrupted_in_an_epochs_validation_resumes_into_it(tiny_root, tmp_path, index_cache):
-    # Step checkpoints every step; the first epoch's validation is interrupted. The resumed run must still
-    # validate that epoch (its best checkpoint exists) and end with the uninterrupted weights.
-    common = dict(epochs=2, checkpoint_every=1, deterministic=True, val_every=1)
+@pytest.mark.parametrize("every", [1, 3])  # 3: the only step checkpoint due in the epoch is its last step
+def test_interrupted_in_an_epochs_validation_resumes_into_it(tiny_root, tmp_path, index_cache, every):
+    # Step checkpoints; the first epoch's validation is interrupted. The resumed run must still validate
+    # that epoch (its best checkpoint exists) and end with the uninterrupted weights.
+    common = dict(epochs=2, checkpoint_every=every, deterministic=True, val_every=1)
     straight = load_experiment(write_yaml(tmp_path / "a.yaml", tiny_experiment(tiny_root, tmp_path / "a", **common)))
     train(straight, progress=False)
     broken = load_experiment(write_yaml(tmp_path / "b.yaml", tiny_experiment(tiny_root, tmp_path / "b", **common)))
     with pytest.raises(KeyboardInterrupt):
         train(broken, progress=False, callbacks=[InterruptValidation()])
-    assert weights(tmp_path / "b")[2] == 2  # the last checkpoint is one step before the epoch's end
+    assert weights(tmp_path / "b")[2] == 2  # the step due at the epoch's last batch was written one earlier
     train(broken, resume=True, progress=False)
     names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("best-*.ckpt"))
     assert names == sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
@@ -92,6 +93,23 @@ def test_interrupted_in_an_epochs_validation_resumes_into_it(tiny_root, tmp_path
     sb, eb, nb = weights(tmp_path / "b")
     assert na == nb == 6
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_step_checkpoints_fall_between_optimizer_steps(tiny_root, tmp_path, index_cache):
+    # With two batches per optimizer step, a checkpoint written after the first batch of a step would
+    # resume without that batch's gradient. 6 batches per epoch here: steps end at batches 2, 4 and 6.
+    class Steps(Callback):
+        def __init__(self):
+            self.saved = []
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            self.saved.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.completed))
+
+    doc = tiny_experiment(tiny_root, tmp_path / "run", epochs=1, checkpoint_every=1, accumulate=2, val_every=100)
+    doc["data"]["batch_size"] = 1
+    spy = Steps()
+    train(load_experiment(write_yaml(tmp_path / "a.yaml", doc)), progress=False, callbacks=[spy])
+    assert sorted({s for s, _ in spy.saved}) == [1, 2, 3]  # never at step 0, half-way through the first
 
 
 def test_ctrl_c_on_train_exits_130_with_one_line(tiny_root, tmp_path, index_cache):

@@ -69,3 +69,25 @@ def test_half_deformable_ops_sample_at_float32_positions():
     out = deform_conv2d(x, offset, weight, padding=1)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.02
+
+
+def test_float64_geometry_stays_float64():
+    from bevkit.models.view_transforms import nearest_point_depth
+
+    cfg = load_config(CONFIGS / "bevdepth-synth.yaml")
+    batch = make_batch(cfg, n_cams=2, batch=1)
+    geometry = [t.double() for t in camera_geometry(batch)]
+    depths = torch.arange(1.0, 10.0, dtype=torch.float64)
+    assert frustum_points_ego(*geometry, depths, 4, 11, 16).dtype == torch.float64
+    points = [p.double() for p in batch["points"]]
+    assert nearest_point_depth(points, *geometry, (4, 11), 16, lambda z: z > 0).dtype == torch.float64
+
+
+def test_negative_nms_radii_are_a_config_error():
+    import pydantic
+    import pytest
+
+    from bevkit.models.config import DetectionHeadConfig
+
+    with pytest.raises(pydantic.ValidationError, match="nms_radii"):
+        DetectionHeadConfig(nms_radii=(-1.0, 12.0, 10.0, 1.0, 0.85, 0.175))

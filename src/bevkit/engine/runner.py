@@ -79,22 +79,32 @@ class ConsumedBatches(Callback):
 class LastCheckpoint(Callback):
     """Keeps ``last.ckpt`` current: at the end of every training epoch and, with ``every_n_steps``,
     after every N optimizer steps (mid-epoch, for ``--resume``). Written through the trainer, so on
-    rank 0 only and atomically (``AtomicCheckpointIO``). Must come after ``ConsumedBatches``."""
+    rank 0 only and atomically (``AtomicCheckpointIO``). Must come after ``ConsumedBatches``.
+
+    A step checkpoint is written only where an optimizer step has just ended (never half-way through
+    an accumulation), and never after an epoch's last batch: the epoch's validation runs before the
+    epoch ends, and a run resumed from a position past every batch would skip it. A step due at the
+    last batch is written one batch earlier instead (when that batch ended a step), and the epoch-end
+    checkpoint follows the validation."""
 
     def __init__(self, path: Path, every_n_steps: int = 0):
         self.path = Path(path)
         self.every = every_n_steps
         self._saved_step = -1
+        self._seen_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._seen_step = trainer.global_step  # restored on resume
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # with gradient accumulation the step count stays put for several batches: save once per step.
-        # Not after an epoch's last batch: the epoch's validation runs before its end, and a run resumed
-        # from a position past every batch would skip it; the epoch-end checkpoint follows it instead.
-        if trainer.is_last_batch:
+        step = trainer.global_step
+        stepped, self._seen_step = step != self._seen_step, step  # this batch ended an optimizer step
+        if not self.every or not stepped or step == self._saved_step or trainer.is_last_batch:
             return
-        if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self._saved_step:
+        next_is_last = batch_idx + 2 == trainer.num_training_batches
+        if step % self.every == 0 or (next_is_last and (step + 1) % self.every == 0):
             trainer.save_checkpoint(str(self.path))
-            self._saved_step = trainer.global_step
+            self._saved_step = step
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(str(self.path))

@@ -27,7 +27,8 @@ from bevkit.data.dataset import normalise
 from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.config import ModelConfig
 from bevkit.models.map_prior import MapPriorFusion
-from bevkit.models.view_transforms import DepthLiftSplat, depth_loss, depth_targets, full_precision
+from bevkit.models.view_transforms import DepthLiftSplat, depth_loss, depth_targets
+from bevkit.ops.precision import full_precision
 
 
 def camera_geometry(batch: dict) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from bevkit.models.config import GridConfig
-from bevkit.models.view_transforms import full_precision, rigid_inverse
+from bevkit.models.view_transforms import rigid_inverse
 from bevkit.ops import bev_warp, deform_attn
+from bevkit.ops.precision import at_least_float32, full_precision
 
 
 def deform_attn_fp32(value: Tensor, shapes, loc: Tensor, attn: Tensor, impl=deform_attn) -> Tensor:
@@ -30,7 +31,7 @@ def deform_attn_fp32(value: Tensor, shapes, loc: Tensor, attn: Tensor, impl=defo
         value: (B, S, heads, Dh)   loc: (B, Q, heads, L, P, 2)   attn: (B, Q, heads, L, P)
         returns: (B, Q, heads * Dh) float32
     """
-    with torch.autocast(device_type=value.device.type, enabled=False):
+    with full_precision(value):
         return impl(value.float(), shapes, loc.float(), attn.float())
 
 
@@ -183,10 +184,10 @@ class BEVFormerEncoder(nn.Module):
                          self.col_embed.view(1, nx, -1).expand(ny, nx, -1)], dim=-1).view(ny * nx, -1)
         q = (self.queries + pos).unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
         with torch.no_grad(), full_precision(feats):  # the projection in float32 whatever autocast does
-            pts = self.pillar_points(feats).float()  # (Q, Z, 3)
-            cam_from_ego = rigid_inverse(ego_from_cam.float())
+            pts = at_least_float32(self.pillar_points(feats))  # (Q, Z, 3)
+            cam_from_ego = rigid_inverse(ego_from_cam.to(pts.dtype))
             cam = torch.einsum("bnij,qzj->bnqzi", cam_from_ego[..., :3, :3], pts) + cam_from_ego[..., None, None, :3, 3]
-            uvw = torch.einsum("bnij,bnqzj->bnqzi", img_aug.float() @ intrinsics.float(), cam)  # (B, N, Q, Z, 3)
+            uvw = torch.einsum("bnij,bnqzj->bnqzi", img_aug.to(pts.dtype) @ intrinsics.to(pts.dtype), cam)
             front = uvw[..., 2] > 0.1
             uv = uvw[..., :2] / torch.where(front, uvw[..., 2], torch.ones_like(uvw[..., 2])).unsqueeze(-1)
             ref_cam = (uv + 0.5) / uv.new_tensor([self.stride * wf, self.stride * hf])  # (B, N, Q, Z, 2)

@@ -218,6 +218,8 @@ class DetectionHeadConfig(Frozen):
             raise ValueError(f"detection tasks {self.tasks} must partition classes without repeats")
         if len(self.nms_radii) != len(self.tasks):
             raise ValueError("detection: one nms radius per task")
+        if any(not r >= 0 for r in self.nms_radii):
+            raise ValueError(f"detection: nms_radii (squared distances) must not be negative, got {self.nms_radii}")
         if len(self.code_weights) != 10:
             raise ValueError("detection: code_weights has 10 entries (dx dy z l w h sin cos vx vy)")
         return self

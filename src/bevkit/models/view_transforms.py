@@ -9,8 +9,6 @@ a stride-``s`` map covers pixels ``[j s, (j + 1) s)``, so its centre is at pixel
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,17 +16,7 @@ from torch import Tensor, nn
 from bevkit.models.bev_encoders import BasicBlock
 from bevkit.models.config import GridConfig
 from bevkit.ops import bev_pool, bev_pool_plan, deform_conv2d
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-
-
-def full_precision(like: Tensor):
-    """Autocast off on ``like``'s device, for geometry (poses, projections, sampling positions) and
-    losses that half precision breaks: CUDA autocast runs matmuls in half, has no half ``linalg.inv``
-    and refuses ``binary_cross_entropy``. Callers pass float32 tensors inside."""
-    if like.device.type not in _AUTOCAST_DEVICES:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=like.device.type, enabled=False)
+from bevkit.ops.precision import at_least_float32, full_precision
 
 
 def rigid_inverse(m: Tensor) -> Tensor:
@@ -82,7 +70,7 @@ def frustum_points_ego(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor
         returns: (B, N, D, H, W, 3) in ego
     """
     with full_precision(depths):  # float32 at least, whatever autocast is on
-        dtype = torch.promote_types(depths.dtype, torch.float32)
+        dtype = at_least_float32(depths).dtype
         depths, intrinsics, img_aug, ego_from_cam = (t.to(dtype) for t in (depths, intrinsics, img_aug, ego_from_cam))
         u, v = feature_pixel_centres(h, w, stride, depths)
         d = depths.numel()
@@ -186,8 +174,8 @@ def nearest_point_depth(points: list[Tensor], intrinsics: Tensor, img_aug: Tenso
     h, w = hw
     b, n = intrinsics.shape[:2]
     with full_precision(intrinsics):
-        return _nearest_point_depth(points, *(t.float() for t in (intrinsics, img_aug, ego_from_cam)), h, w,
-                                    stride, depth_ok, b, n)
+        return _nearest_point_depth(points, *(at_least_float32(t) for t in (intrinsics, img_aug, ego_from_cam)), h,
+                                    w, stride, depth_ok, b, n)
 
 
 def _nearest_point_depth(points, intrinsics, img_aug, ego_from_cam, h, w, stride, depth_ok, b, n):
@@ -417,7 +405,7 @@ def depth_loss(depth: Tensor, targets: Tensor) -> Tensor:
     d = depth.shape[2]
     valid = targets >= 0  # (B, N, H, W)
     with full_precision(depth):  # in float32: half rounds 1 - 1e-6 to 1, and CUDA autocast refuses the BCE
-        probs = depth.permute(0, 1, 3, 4, 2)[valid].float().clamp(1e-6, 1 - 1e-6)  # (V, D)
+        probs = at_least_float32(depth.permute(0, 1, 3, 4, 2)[valid]).clamp(1e-6, 1 - 1e-6)  # (V, D)
         onehot = F.one_hot(targets[valid], d).to(probs.dtype)
         loss = F.binary_cross_entropy(probs, onehot, reduction="sum")
         return loss / valid.sum().clamp(min=1)
@@ -458,12 +446,12 @@ class BilinearLift(nn.Module):
         """
         b, n, c, h, w = feats.shape
         with full_precision(feats):  # the projection and sampling positions in float32
-            xyz = self.voxel_centres(feats).float()  # (Z, Y, X, 3)
+            xyz = at_least_float32(self.voxel_centres(feats))  # (Z, Y, X, 3)
             nz, ny, nx = xyz.shape[:3]
-            cam_from_ego = rigid_inverse(ego_from_cam.float())  # (B, N, 4, 4)
+            cam_from_ego = rigid_inverse(ego_from_cam.to(xyz.dtype))  # (B, N, 4, 4)
             cam = torch.einsum("bnij,zyxj->bnzyxi", cam_from_ego[..., :3, :3], xyz) \
                 + cam_from_ego[..., None, None, None, :3, 3]  # (B, N, Z, Y, X, 3)
-            uvw = torch.einsum("bnij,bnzyxj->bnzyxi", img_aug.float() @ intrinsics.float(), cam)
+            uvw = torch.einsum("bnij,bnzyxj->bnzyxi", img_aug.to(xyz.dtype) @ intrinsics.to(xyz.dtype), cam)
             z = uvw[..., 2]
             in_front = z > 0.1
             uv = uvw[..., :2] / torch.where(in_front, z, torch.ones_like(z)).unsqueeze(-1)
@@ -471,8 +459,9 @@ class BilinearLift(nn.Module):
             size = uv.new_tensor([self.stride * w, self.stride * h])
             norm = 2 * (uv + 0.5) / size - 1  # (B, N, Z, Y, X, 2)
             seen = in_front & (norm.abs() <= 1).all(dim=-1)  # (B, N, Z, Y, X)
-            sampled = F.grid_sample(feats.flatten(0, 1).float(), norm.view(b * n, nz * ny, nx, 2), mode="bilinear",
-                                    padding_mode="zeros", align_corners=False).to(feats.dtype)  # (B*N, C, Z*Y, X)
+            sampled = F.grid_sample(feats.flatten(0, 1).to(xyz.dtype), norm.view(b * n, nz * ny, nx, 2),
+                                    mode="bilinear", padding_mode="zeros",
+                                    align_corners=False).to(feats.dtype)  # (B*N, C, Z*Y, X)
         sampled = sampled.view(b, n, c, nz, ny, nx) * seen.unsqueeze(2)
         vox = sampled.sum(1) / seen.sum(1).clamp(min=1).unsqueeze(1)  # (B, C, Z, Y, X)
         return self.reduce(vox.reshape(b, c * nz, ny, nx)), None

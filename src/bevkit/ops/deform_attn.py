@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import at_least_float32, full_precision
+
 __all__ = ["deform_attn", "deform_attn_reference", "deform_attn_exportable"]
 
 LevelShapes = Sequence[Sequence[int]]
@@ -333,7 +335,7 @@ def deform_attn(
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
         # Half precision: locations must not be rounded to a few pixels of a large map (bf16 keeps 8 bits),
         # and the sparse products have no half kernel on the CPU. Computed in float32, returned as value.
-        with torch.autocast(device_type=value.device.type, enabled=False):
+        with full_precision(value):
             return deform_attn(value.float(), shapes, sampling_locations.float(), attention_weights.float(),
                                chunk_queries).to(value.dtype)
     return _DeformAttnCSR.apply(
@@ -361,8 +363,9 @@ def deform_attn_exportable(
     _, q, _, num_levels, num_points, _ = sampling_locations.shape
     v = value.permute(0, 2, 1, 3).reshape(b * m, s, dh)  # (B*heads, S, Dh)
     # Positions and bilinear weights in float32 at least: half floats round the pixel coordinates.
-    pos_dtype = torch.promote_types(sampling_locations.dtype, torch.float32)
-    loc = sampling_locations.to(pos_dtype).permute(0, 2, 1, 3, 4, 5).reshape(b * m, q, num_levels, num_points, 2)
+    loc = at_least_float32(sampling_locations)
+    pos_dtype = loc.dtype
+    loc = loc.permute(0, 2, 1, 3, 4, 5).reshape(b * m, q, num_levels, num_points, 2)
     attn = attention_weights.to(pos_dtype).permute(0, 2, 1, 3, 4).reshape(b * m, q, num_levels, num_points)
     out = v.new_zeros(b * m, q, dh)
     start = 0

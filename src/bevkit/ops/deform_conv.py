@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .precision import at_least_float32, full_precision
 
 __all__ = ["deform_conv2d", "deform_conv2d_reference"]
 
@@ -59,10 +59,8 @@ def deform_conv2d(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     b, c, h, w = x.shape
     taps = kh * kw
     # Tap positions in float32 at least: half floats round them to a few pixels.
-    pos_dtype = torch.promote_types(x.dtype, torch.float32)
-    autocast_off = torch.autocast(device_type=x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") \
-        else contextlib.nullcontext()
-    with autocast_off:
+    pos_dtype = at_least_float32(x).dtype
+    with full_precision(x):
         pos = _sampling_grid(offset.to(pos_dtype), kh, kw, padding, dilation)  # (B, G, taps, H, W, 2)
         g = pos.shape[1]
         # Pixel centres at integer coordinates: normalised u = (2 x + 1) / W - 1 with align_corners=False.

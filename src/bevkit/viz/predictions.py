@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Polygon as MplPolygon
 from PIL import Image
 
+from bevkit.data.dataset import read_points
 from bevkit.data.nuscenes import CATEGORY_TO_CLASS, NuScenesTables, box_corners
 from bevkit.geometry import apply, inverse, project, quat_to_matrix
 from bevkit.viz.preview import CLASS_COLOURS, EDGES
@@ -78,7 +79,7 @@ def render_predictions(root, results: dict, tokens, out_dir, version: str | None
         ax.axis("off")
 
         ax = fig.add_subplot(grid[0, 1])
-        points = np.fromfile(db.root / lidar_sd["filename"], dtype=np.float32).reshape(-1, 5)
+        points = read_points(db.root / lidar_sd["filename"])  # a truncated file is a DataError
         pts = apply(db.ego_from_sensor(lidar_sd), points[:, :3].astype(np.float64))
         near = (np.abs(pts[:, 0]) < bev_range) & (np.abs(pts[:, 1]) < bev_range)
         ax.scatter(pts[near, 0], pts[near, 1], c="#9a9a9a", s=0.3, linewidths=0, zorder=1)
