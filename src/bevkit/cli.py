@@ -475,10 +475,7 @@ def main(argv=None) -> int:
         print(f"bevkit: error: {e}", file=sys.stderr)
         return 2
     except (typer.Exit, click.exceptions.Exit) as e:
-        code = int(getattr(e, "exit_code", 0) or 0)
-        if code == 130:  # typer's translation of Ctrl-C
-            print(INTERRUPTED, file=sys.stderr)
-        return code
+        return int(getattr(e, "exit_code", 0) or 0)
     except (typer.Abort, click.exceptions.Abort):
         print("bevkit: aborted", file=sys.stderr)
         return 130

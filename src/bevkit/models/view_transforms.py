@@ -70,7 +70,7 @@ def frustum_points_ego(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor
         returns: (B, N, D, H, W, 3) in ego
     """
     with full_precision(depths):  # float32 at least, whatever autocast is on
-        dtype = at_least_float32(depths).dtype
+        dtype = torch.promote_types(depths.dtype, torch.float32)
         depths, intrinsics, img_aug, ego_from_cam = (t.to(dtype) for t in (depths, intrinsics, img_aug, ego_from_cam))
         u, v = feature_pixel_centres(h, w, stride, depths)
         d = depths.numel()

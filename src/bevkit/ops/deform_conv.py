@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .precision import at_least_float32, full_precision
+from .precision import full_precision
 
 __all__ = ["deform_conv2d", "deform_conv2d_reference"]
 
@@ -59,7 +59,7 @@ def deform_conv2d(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None
     b, c, h, w = x.shape
     taps = kh * kw
     # Tap positions in float32 at least: half floats round them to a few pixels.
-    pos_dtype = at_least_float32(x).dtype
+    pos_dtype = torch.promote_types(x.dtype, torch.float32)  # no copy of x just for its dtype
     with full_precision(x):
         pos = _sampling_grid(offset.to(pos_dtype), kh, kw, padding, dilation)  # (B, G, taps, H, W, 2)
         g = pos.shape[1]
