@@ -255,6 +255,56 @@ def predict(
     typer.echo(f"wrote {out}: {len(sub['results'])} samples, {n} boxes")
 
 
+@app.command()
+def export(
+    config: Path = typer.Argument(..., help="Experiment YAML the checkpoint was trained with."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.ckpt) written by bevkit train (EMA weights if present)."),
+    out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write; its description goes beside it (+ .json)."),
+    split: str = typer.Option(None, help="Split the example sample comes from (default: the config's data.val_split)."),
+    sample: int = typer.Option(0, help="Index of the example sample in the split (its shapes fix the graph's)."),
+    opset: int = typer.Option(None, help="ONNX opset (default: the exporter's)."),
+    tolerance: float = typer.Option(1e-4, help="Largest accepted |onnx - torch| / max |torch| of any output."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Export a trained model to one ONNX graph of standard operators (no plugins) and check it in
+    onnxruntime against PyTorch on two samples. Exit 1 if an output differs by more than --tolerance."""
+    _quiet_lightning()
+    from bevkit.export import export_onnx, load_trained
+
+    _out_file(out)
+    if sample < 0:
+        _fail(f"--sample must be at least 0, got {sample}")
+    if not tolerance > 0:
+        _fail(f"--tolerance must be positive, got {tolerance}")
+    try:
+        cfg = _experiment(config, set_)
+        rep = export_onnx(cfg, load_trained(cfg, ckpt), out, split=split, sample=sample, opset=opset,
+                          tolerance=tolerance)
+    except _engine_errors() as e:
+        _fail(str(e))
+    typer.echo(f"wrote {out} ({rep['bytes'] / 2**20:.1f} MiB, exported in {rep['export_s']:.1f} s) and {out}.json")
+    for i in rep["inputs"]:
+        dyn = " (dim 0 dynamic)" if i["name"] in rep["dynamic"] else ""
+        typer.echo(f"  input  {i['name']}: {tuple(i['shape'])} {i['dtype']}{dyn}")
+    heads = sorted({o.split(".")[0] for o in rep["outputs"]})
+    typer.echo(f"  outputs: {len(rep['outputs'])} ({', '.join(heads)}; names and shapes in {out}.json)")
+    p = rep["parity"]
+    first = p["per_sample"][0]
+    line = (f"onnxruntime vs PyTorch on {rep['sample']['split']} sample(s) {', '.join(map(str, p['samples']))}: "
+            f"max |diff| / max |torch| = {p['max_rel_diff']:.1e} (tolerance {rep['tolerance']:.0e}); "
+            f"{first['onnxruntime_s'] * 1e3:.0f} ms in onnxruntime, {first['torch_s'] * 1e3:.0f} ms in PyTorch")
+    typer.echo(line)
+    if any("decoded" in c for c in p["per_sample"]):
+        n = sum(c["decoded"]["boxes_torch"] for c in p["per_sample"])
+        cut = sum(c["decoded"]["at_cutoff"] for c in p["per_sample"])
+        typer.echo(f"decoded boxes (PyTorch {n}): {p['decoded_unmatched']} without a partner within 1e-3, {cut} more "
+                   "at the other side's score cut-off (ties at the box limit or threshold)")
+    if not rep["ok"]:
+        typer.echo(f"bevkit: error: the graph's outputs differ from PyTorch's by more than --tolerance; {out} is "
+                   "kept for inspection", err=True)
+        raise typer.Exit(1)
+
+
 def _check_device(device: str) -> None:
     """``auto`` or a device torch knows and this machine has."""
     if device == "auto":

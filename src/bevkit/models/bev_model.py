@@ -8,7 +8,9 @@ reads only the keys its branches need:
   (B, 4, 4) if any: the cameras are placed in the augmented ego frame (``bev_aug @ ego_from_cam``),
   where the points, boxes, map and occupancy targets already are (as BEVDet applies its BDA matrix
   to the frustum);
-- LiDAR branch (and the depth loss): ``points``, B tensors (P_b, 5) in ego;
+- LiDAR branch (and the depth loss): ``points``, B tensors (P_b, 5) in ego; or, for PointPillars,
+  ``pillars``: ``(features (V, M, F), coords (V, 4), counts (V,), B)`` from ``PointPillars.pillars``
+  (what an exported graph takes, voxelisation having data-dependent sizes);
 - temporal (BEVDet4D, or BEVFormer's temporal self-attention with T = 2): optional ``prev_bev``
   (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4).
   The caller keeps the returned ``bev`` of each frame and passes it back with the next one; the
@@ -94,7 +96,10 @@ class BEVModel(nn.Module):
                 cam_bev, depth = self.view_transform(feats, *geometry)
             bevs.append(cam_bev)
         if self.lidar is not None:
-            bevs.append(self.lidar(batch["points"]))
+            if "pillars" in batch:  # voxelised outside (an exported graph): (features, coords, counts, batch size)
+                bevs.append(self.lidar.encode_pillars(*batch["pillars"]))
+            else:
+                bevs.append(self.lidar(batch["points"]))
         bev = self.fuser(bevs) if self.fuser is not None else bevs[0]  # (B, C, Y, X)
         return bev, depth
 

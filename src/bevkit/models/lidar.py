@@ -44,9 +44,25 @@ class PointPillars(nn.Module):
         Shapes:
             points: B tensors (P_b, F)   returns: (B, C, Y, X)
         """
+        return self.encode_pillars(*self.pillars(points), len(points))
+
+    def pillars(self, points: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Voxelise the points into pillars (data-dependent sizes: outside an exported graph).
+
+        Shapes:
+            points: B tensors (P_b, F)   returns: features (V, M, F'), coords (V, 4) (b, iz, iy, ix),
+            points per pillar (V,)
+        """
         pts = [p[:, : self.point_features].float() for p in points]
         vox = voxelize_batch(pts, self.voxel_size, self.point_range, self.max_points, self.max_voxels)
-        feats, coords, num = vox.features, vox.coords, vox.num_points  # (V, M, F), (V, 4), (V,)
+        return vox.features, vox.coords, vox.num_points
+
+    def encode_pillars(self, feats: Tensor, coords: Tensor, num: Tensor, batch_size: int) -> Tensor:
+        """The pillar feature net and the scatter to the BEV canvas (what an exported graph runs).
+
+        Shapes:
+            feats: (V, M, F')   coords: (V, 4)   num: (V,)   returns: (B, C, Y, X)
+        """
         m = feats.shape[1]
         mask = (torch.arange(m, device=feats.device).view(1, m) < num.view(-1, 1)).unsqueeze(-1)  # (V, M, 1)
         mean = (feats[..., :3] * mask).sum(1, keepdim=True) / num.clamp(min=1).view(-1, 1, 1)  # (V, 1, 3)
@@ -59,7 +75,7 @@ class PointPillars(nn.Module):
         x = torch.relu(self.norm(x.transpose(1, 2)).transpose(1, 2))
         x = x.masked_fill(~mask, float("-inf")).amax(dim=1)  # (V, C)
         x = torch.nan_to_num(x, neginf=0.0)  # a pillar always holds a point; guard anyway
-        return pillar_scatter(x, coords, len(points), self.grid.shape).contiguous()
+        return pillar_scatter(x, coords, batch_size, self.grid.shape).contiguous()
 
 
 class SparseConv(nn.Module):

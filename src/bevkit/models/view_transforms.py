@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bevkit.models.bev_encoders import BasicBlock
 from bevkit.models.config import GridConfig
-from bevkit.ops import bev_pool, bev_pool_plan, deform_conv2d
+from bevkit.ops import bev_cell_index, bev_pool, bev_pool_exportable, bev_pool_plan, deform_conv2d, exporting
 from bevkit.ops.precision import at_least_float32, full_precision
 
 
@@ -34,6 +34,23 @@ def rigid_inverse(m: Tensor) -> Tensor:
     out[..., :3, 3] = -(rot_t @ m[..., :3, 3:4]).squeeze(-1)
     out[..., 3, 3] = 1.0
     return out
+
+
+def inverse_3x3(m: Tensor) -> Tensor:
+    """Inverse of 3x3 matrices in closed form (adjugate over determinant): element-wise ops only, so it
+    exports to ONNX, which has no matrix inverse; ``img_aug @ intrinsics`` is well conditioned.
+
+    Shapes:
+        m: (..., 3, 3)   returns: (..., 3, 3)
+    """
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    adj = torch.stack([e * i - f * h, c * h - b * i, b * f - c * e,
+                       f * g - d * i, a * i - c * g, c * d - a * f,
+                       d * h - e * g, b * g - a * h, a * e - b * d], dim=-1).unflatten(-1, (3, 3))
+    det = a * adj[..., 0, 0] + b * adj[..., 1, 0] + c * adj[..., 2, 0]
+    return adj / det[..., None, None]
 
 
 def feature_pixel_centres(h: int, w: int, stride: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,7 +94,7 @@ def frustum_points_ego(intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor
         pix = torch.stack([u.view(1, 1, w).expand(d, h, w), v.view(1, h, 1).expand(d, h, w),
                            torch.ones(d, h, w, dtype=depths.dtype, device=depths.device)], dim=-1)
         pix = pix * depths.view(d, 1, 1, 1)  # (D, H, W, 3): (u z, v z, z)
-        cam_from_img = torch.linalg.inv(img_aug @ intrinsics)  # (B, N, 3, 3)
+        cam_from_img = inverse_3x3(img_aug @ intrinsics)  # (B, N, 3, 3)
         ego_from_img = ego_from_cam[..., :3, :3] @ cam_from_img  # (B, N, 3, 3)
         xyz = torch.einsum("bnij,dhwj->bndhwi", ego_from_img, pix)  # (B, N, D, H, W, 3)
         return xyz + ego_from_cam[..., None, None, None, :3, 3]
@@ -87,9 +104,10 @@ class LiftSplat(nn.Module):
     """BEVDet's view transform: a per-pixel depth distribution over D bins lifts each feature
     into a frustum, pooled into BEV cells with ``bevkit.ops.bev_pool``.
 
-    The pooling plan is rebuilt from the batch's geometry every call. With ``downsample`` f > 1
-    (BEVFusion's camera branch), the frustum is pooled on a grid f times finer than ``grid`` and
-    brought back to it by three 3x3 convs (BN, ReLU), the second of stride f.
+    The pooling plan is rebuilt from the batch's geometry every call; under ``torch.export`` (ONNX
+    export) the frustum's cells are computed in the graph and pooled with ``bev_pool_exportable``.
+    With ``downsample`` f > 1 (BEVFusion's camera branch), the frustum is pooled on a grid f times
+    finer than ``grid`` and brought back to it by three 3x3 convs (BN, ReLU), the second of stride f.
     """
 
     def __init__(self, in_channels: int, channels: int, grid: GridConfig, dbound: tuple[float, float, float],
@@ -139,10 +157,16 @@ class LiftSplat(nn.Module):
         with torch.no_grad():
             depths = depth_bin_centres(self.dbound, intrinsics)
             points = frustum_points_ego(intrinsics, img_aug, ego_from_cam, depths, h, w, self.stride)
-            plan = bev_pool_plan(points.float(), self.pool_grid.spec())
+            if exporting():  # the cell of every frustum point, in the graph (the plan's sizes depend on data)
+                cells = bev_cell_index(points.float(), self.pool_grid.spec())
+            else:
+                plan = bev_pool_plan(points.float(), self.pool_grid.spec())
         # The compressed-row backward product has no bf16/fp16 kernel on CPU: pool in float32 even under autocast.
         with torch.autocast(device_type=depth.device.type, enabled=False):
-            bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, fY, fX)
+            if exporting():
+                bev = bev_pool_exportable(depth.float(), ctx.float(), cells, self.pool_grid.spec()).contiguous()
+            else:
+                bev = bev_pool(depth.float(), ctx.float(), plan).contiguous()  # (B, C, fY, fX)
         if self.downsample is not None:
             bev = self.downsample(bev)  # (B, C, Y, X)
         return bev

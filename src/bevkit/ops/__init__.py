@@ -29,6 +29,7 @@ from .sparse_conv import (
     sparse_conv3d_reference,
     strided_output_coords,
 )
+from .tracing import exporting
 from .voxelize import (
     Voxels,
     pillar_scatter,
@@ -45,7 +46,7 @@ __all__ = [
     "deform_attn", "deform_attn_exportable", "deform_attn_reference",
     "deform_conv2d", "deform_conv2d_reference",
     "bev_corners", "circle_nms", "circle_nms_reference", "nms_rotated", "nms_rotated_reference",
-    "rotated_iou_bev", "rotated_iou_bev_aligned",
+    "rotated_iou_bev", "rotated_iou_bev_aligned", "exporting",
     "SparseVoxels", "conv_output_shape", "sparse_conv3d", "sparse_conv3d_reference", "strided_output_coords",
     "Voxels", "pillar_scatter", "pillar_scatter_reference", "voxelize", "voxelize_batch",
     "voxelize_reference",

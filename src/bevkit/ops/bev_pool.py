@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .tracing import exporting
+
 __all__ = [
     "BEVGridSpec",
     "BEVPoolPlan",
@@ -125,7 +127,7 @@ _CACHED_ELEMENTS = 1 << 20  # constants larger than this (4 MiB of int32) are ma
 def _tracing() -> bool:
     """Whether tensors made now may be symbolic or bound to a trace: while compiling, exporting,
     under any dispatch mode (fake tensors, ``make_fx``, FLOP counters), or capturing a CUDA graph."""
-    return (torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)()
+    return (torch.compiler.is_compiling() or exporting()
             or torch._C._len_torch_dispatch_stack() > 0
             or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()))
 

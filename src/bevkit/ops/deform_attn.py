@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .precision import at_least_float32, full_precision
+from .tracing import exporting
 
 __all__ = ["deform_attn", "deform_attn_reference", "deform_attn_exportable"]
 
@@ -304,7 +305,8 @@ def deform_attn(
     samples' top-left corners gives A.T in CSR for every level and all four
     corners) and the location / weight gradients come from one sampled dense
     product (one dot per stored corner). Equal to :func:`deform_attn_reference` up
-    to float rounding.
+    to float rounding. Under ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) it
+    runs :func:`deform_attn_exportable`, the same maths with fixed-size gathers.
 
     Frames: as :func:`deform_attn_reference` (value rows are the flattened feature
     maps; queries are whatever the caller samples for, e.g. BEV cells).
@@ -314,6 +316,8 @@ def deform_attn(
         sampling_locations: (B, Q, heads, L, P, 2) in [0, 1], (x, y)
         attention_weights: (B, Q, heads, L, P)   returns: (B, Q, heads * Dh)
     """
+    if exporting():  # the sparse product has data-dependent sizes: export the gather formulation
+        return deform_attn_exportable(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = _level_shapes(spatial_shapes)
     _check(value, shapes, sampling_locations, attention_weights)
     b_, s_, m_, _ = value.shape

@@ -1,0 +1,362 @@
+"""A trained model as one ONNX graph of standard operators, checked against PyTorch in onnxruntime.
+
+The graph is the model's forward from sensor tensors to the raw head outputs; what has
+data-dependent sizes stays outside it, as deployed BEV models do: LiDAR voxelisation (the graph takes
+the pillars ``PointPillars.pillars`` makes) and box decoding (top-k, circle / rotated NMS: run
+``BEVModel.decode`` on the outputs, rebuilt with :func:`nest`). Inside, the ops take their exportable
+formulations (``bev_pool_exportable`` with the frustum's cells computed in the graph from the camera
+matrices, ``deform_attn_exportable``), which equal the fast paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bevkit.atomic import write_text_atomic
+from bevkit.config import ConfigError, ExperimentConfig
+from bevkit.models.bev_model import BEVModel
+from bevkit.models.lidar import PointPillars
+
+CAMERA_INPUTS = ("images", "intrinsics", "img_aug", "ego_from_cam")
+PILLAR_INPUTS = ("pillar_features", "pillar_coords", "pillar_counts")
+TEMPORAL_INPUTS = ("prev_bev", "curr_from_prev")
+# What each graph input is (shapes with the batch B the graph was exported for).
+INPUT_DOC = {
+    "images": "(B, N, 3, H, W) uint8 RGB, the cameras of data.cameras in that order, resized and cropped as "
+              "img_aug says",
+    "intrinsics": "(B, N, 3, 3) float32 camera matrices of the original images",
+    "img_aug": "(B, N, 3, 3) float32 original image pixels -> input image pixels",
+    "ego_from_cam": "(B, N, 4, 4) float32 camera poses in the ego frame (composed with a BEV augmentation if any)",
+    "pillar_features": "(V, M, F) float32 points of each pillar in ego (x, y, z, features), zero rows past the count",
+    "pillar_coords": "(V, 4) int64 (b, iz, iy, ix) cell of each pillar on the BEV grid",
+    "pillar_counts": "(V,) int64 points in each pillar (at least 1)",
+    "prev_bev": "(B, T-1, C, Y, X) float32 the 'bev' output of the previous keyframes, most recent first",
+    "curr_from_prev": "(B, T-1, 4, 4) float32 ego frame of each previous keyframe -> current ego frame",
+    "map_prior": "(B, C, Y, X) float32 the global map memory read on this grid (zeros: nothing observed)",
+}
+
+
+def graph_inputs(model: BEVModel, history: int) -> list[str]:
+    """Names of the graph's inputs for a model, in order.
+
+    Raises ``ConfigError`` for branches with no exportable formulation (the sparse-voxel LiDAR
+    encoder, whose sparse convolutions have data-dependent sizes, and BEVFusion's LiDAR-depth
+    camera branch, which projects a variable number of points).
+    """
+    from bevkit.models.view_transforms import DepthLiftSplat
+
+    names: list[str] = []
+    if model.view_transform is not None:
+        if isinstance(model.view_transform, DepthLiftSplat):
+            raise ConfigError("export: view_transform lss_depth (BEVFusion's LiDAR depth into the camera branch) "
+                              "projects a variable number of points and has no exportable form")
+        names += CAMERA_INPUTS
+    if model.lidar is not None:
+        if not isinstance(model.lidar, PointPillars):
+            raise ConfigError(f"export: the LiDAR encoder {type(model.lidar).__name__} runs sparse convolutions "
+                              "with data-dependent sizes and has no exportable form; PointPillars exports")
+        names += PILLAR_INPUTS
+    if history:
+        names += TEMPORAL_INPUTS
+    if model.map_prior is not None:
+        names.append("map_prior")
+    return names
+
+
+def flatten_outputs(out: dict, temporal: bool) -> dict[str, Tensor]:
+    """The graph's outputs of a forward's result, by dotted name: ``bev`` (temporal models: the state
+    for the next frame), ``features``, every head's raw outputs (``detection.0.heatmap``...), and
+    ``map_prior_update`` with a map prior. The order is the graph's output order."""
+    flat: dict[str, Tensor] = {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        elif value is not None:
+            raise TypeError(f"output {prefix}: unexpected {type(value).__name__}")
+
+    keys = (["bev"] if temporal else []) + ["features"]
+    keys += [k for k in out if k not in ("bev", "features", "depth", "map_prior_update")]
+    keys += ["map_prior_update"] if "map_prior_update" in out else []
+    for key in keys:
+        walk(key, out[key])
+    return flat
+
+
+def nest(named: dict) -> dict:
+    """Rebuild the nested head outputs from dotted names (the inverse of :func:`flatten_outputs`):
+    ``{"detection.0.heatmap": x}`` -> ``{"detection": [{"heatmap": x}]}``; numpy arrays are made
+    tensors. ``model.decode(nest(outputs))`` decodes an onnxruntime result."""
+    root: dict = {}
+    for name, value in named.items():
+        if not torch.is_tensor(value):
+            value = torch.as_tensor(value)
+        parts = name.split(".")
+        node = root
+        for part, nxt in zip(parts[:-1], parts[1:]):
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def lists(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: lists(v) for k, v in node.items()}
+        if node and all(re.fullmatch(r"\d+", k) for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return lists(root)
+
+
+class ExportGraph(nn.Module):
+    """The model's forward on flat tensors (the graph inputs of :func:`graph_inputs`), returning the
+    tensors of :func:`flatten_outputs` as a tuple."""
+
+    def __init__(self, model: BEVModel, inputs: list[str], batch_size: int, history: int):
+        super().__init__()
+        self.model = model
+        self.inputs = list(inputs)
+        self.batch_size = batch_size
+        self.history = history
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        given = dict(zip(self.inputs, args))
+        batch = {k: given[k] for k in CAMERA_INPUTS + TEMPORAL_INPUTS + ("map_prior",) if k in given}
+        if "pillar_features" in given:
+            batch["pillars"] = (given["pillar_features"], given["pillar_coords"], given["pillar_counts"],
+                                self.batch_size)
+        return tuple(flatten_outputs(self.model(batch), bool(self.history)).values())
+
+
+def example_batch(cfg: ExperimentConfig, model: BEVModel, split: str, sample: int, dataset=None) -> dict:
+    """Sample ``sample`` of ``split`` as a batch of one, as evaluation reads it: history frames encoded
+    into ``prev_bev`` for temporal models, pillars for PointPillars, and a map prior (the model's own
+    update of this frame, what a second visit reads) for Neural Map Prior. ``dataset``: the split's
+    ``HistoryDataset`` if already made."""
+    from bevkit.engine.data import BEVDataModule, collate_history
+    from bevkit.engine.module import with_history
+
+    ds = dataset if dataset is not None else BEVDataModule(cfg).dataset(split, train=False)
+    if not 0 <= sample < len(ds):
+        raise ConfigError(f"export: --sample {sample} is not in split {split!r} ({len(ds)} samples)")
+    batch = with_history(model, collate_history([ds[sample]]))
+    batch.pop("history", None)
+    if model.lidar is not None and isinstance(model.lidar, PointPillars):
+        batch["pillars"] = (*model.lidar.pillars(batch["points"]), len(batch["points"]))
+    if model.map_prior is not None:
+        with torch.no_grad():
+            batch["map_prior"] = model(batch)["map_prior_update"]
+    return batch
+
+
+def graph_args(batch: dict, inputs: list[str]) -> tuple[Tensor, ...]:
+    """The graph's input tensors from a batch (camera matrices as float32)."""
+    args = []
+    for name in inputs:
+        if name in PILLAR_INPUTS:
+            args.append(batch["pillars"][PILLAR_INPUTS.index(name)])
+        elif name == "images":
+            args.append(batch["images"])
+        else:
+            args.append(batch[name].float())
+    return tuple(args)
+
+
+def _export(graph: ExportGraph, args: tuple, path: Path, names_out: list[str], opset: int | None) -> None:
+    dynamic = None
+    if "pillar_features" in graph.inputs:  # the number of pillars varies from sweep to sweep
+        pillars = torch.export.Dim("pillars", min=2, max=2**31 - 2)
+        # one entry per forward parameter: the variadic ``*args`` takes a tuple, one spec per input
+        dynamic = (tuple({0: pillars} if n in PILLAR_INPUTS else None for n in graph.inputs),)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's notes on decompositions and dynamic shapes
+        program = torch.onnx.export(graph, args, dynamo=True, verbose=False, input_names=graph.inputs,
+                                    output_names=names_out, opset_version=opset, dynamic_shapes=dynamic,
+                                    external_data=False)
+        program.save(str(path), external_data=False)
+
+
+def _median_time(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeat // 2]
+
+
+def parity(path: Path, model: BEVModel, batch: dict, inputs: list[str], history: int) -> dict:
+    """The ONNX graph in onnxruntime against the PyTorch model (its fast paths) on one batch: the
+    largest absolute difference of each output and that over the output's largest magnitude, and,
+    with a detection head, the decoded boxes compared one by one (:func:`compare_detections`); the
+    latency of both (median of three calls after a warm-up, this machine's threads)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), graph_args(batch, inputs))}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        ref = flatten_outputs(model(batch), bool(history))
+        # Latency on this machine, each after the warm-up call above: median of three.
+        ort_s = _median_time(lambda: session.run(None, feeds))
+        torch_s = _median_time(lambda: model(batch))
+    names = [o.name for o in session.get_outputs()]
+    if names != list(ref):
+        raise RuntimeError(f"export: the graph's outputs {names} are not the model's {list(ref)}")
+    report = {"outputs": {}, "onnxruntime_s": ort_s, "torch_s": torch_s}
+    worst = 0.0
+    for name, value in zip(names, got):
+        r = ref[name].float()
+        diff = float((torch.from_numpy(value).float() - r).abs().max()) if r.numel() else 0.0
+        scale = float(r.abs().max()) if r.numel() else 0.0
+        rel = diff / scale if scale > 0 else diff
+        worst = max(worst, rel)
+        report["outputs"][name] = {"shape": list(value.shape), "max_abs_diff": diff, "max_abs": scale,
+                                   "rel_diff": rel}
+    report["max_rel_diff"] = worst
+    if "detection" in model.heads:
+        with torch.no_grad():
+            mine = model.heads["detection"].decode(nest(dict(zip(names, got)))["detection"])
+            theirs = model.heads["detection"].decode(nest(ref)["detection"])
+        report["decoded"] = compare_detections(mine, theirs,
+                                               threshold=getattr(model.heads["detection"].cfg, "score_threshold", None))
+    return report
+
+
+def compare_detections(mine: list[dict], ref: list[dict], tol: float = 1e-3, score_tol: float = 1e-5,
+                       threshold: float | None = None) -> dict:
+    """Decoded boxes of the graph against PyTorch's, sample by sample. Equal scores can be ranked
+    in either order, so each box is matched to the nearest one of the same label in the other
+    list (largest element-wise difference of the 9 values, NaN velocities equal). A box with no
+    partner within ``tol`` counts as ``at_cutoff`` when its score is within ``score_tol`` of the
+    other list's lowest score (a tie at the box limit went the other way) or of the decoder's
+    score ``threshold``, else as ``unmatched``. ``max_box_diff`` / ``max_score_diff`` are over the
+    matched pairs.
+
+    Shapes:
+        mine, ref: per sample {boxes (M, 9), scores (M,), labels (M,)}
+    """
+    unmatched = at_cutoff = 0
+    box_diff = score_diff = 0.0
+    for a, b in zip(mine, ref):
+        for x, y in ((a, b), (b, a)):
+            if not len(x["boxes"]):
+                continue
+            if not len(y["boxes"]):
+                unmatched += len(x["boxes"])
+                continue
+            d = (x["boxes"][:, None] - y["boxes"][None]).nan_to_num(nan=0.0).abs().amax(-1)  # (M, M')
+            d = torch.where(x["labels"][:, None] == y["labels"][None], d, torch.full_like(d, float("inf")))
+            best, j = d.min(1)
+            ok = best <= tol
+            near = (x["scores"] - y["scores"].min()).abs() <= score_tol
+            if threshold is not None:
+                near |= (x["scores"] - threshold).abs() <= score_tol
+            cut = ~ok & near
+            at_cutoff += int(cut.sum())
+            unmatched += int((~ok & ~cut).sum())
+            if ok.any():
+                box_diff = max(box_diff, float(best[ok].max()))
+                score_diff = max(score_diff, float((x["scores"][ok] - y["scores"][j[ok]]).abs().max()))
+    return {"boxes_onnx": sum(len(a["boxes"]) for a in mine), "boxes_torch": sum(len(b["boxes"]) for b in ref),
+            "unmatched": unmatched, "at_cutoff": at_cutoff, "max_box_diff": box_diff, "max_score_diff": score_diff}
+
+
+def require_exporter() -> None:
+    """Raise ``ConfigError`` naming the extra to install when the exporter or onnxruntime is missing."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"export needs {', '.join(missing)}: pip install 'bevkit[export]' "
+                          "(or pip install onnx onnxscript onnxruntime)")
+
+
+def load_trained(cfg: ExperimentConfig, ckpt_path) -> BEVModel:
+    """The model of ``cfg`` with a checkpoint's weights (its EMA if it has one), in eval mode on the CPU;
+    a checkpoint of another model is refused, as ``bevkit eval`` refuses it."""
+    from bevkit.engine.checkpoint import (
+        CheckpointError,
+        build_experiment_model,
+        check_same_model,
+        checkpoint_config,
+        model_state,
+        read_checkpoint,
+    )
+
+    ckpt = read_checkpoint(ckpt_path)
+    check_same_model(cfg, checkpoint_config(ckpt_path, ckpt), ckpt_path)
+    model = build_experiment_model(cfg, load_checkpoint=False)
+    try:
+        model.load_state_dict(model_state(ckpt, ema=True))
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def export_onnx(cfg: ExperimentConfig, model: BEVModel, out, split: str | None = None, sample: int = 0,
+                opset: int | None = None, tolerance: float = 1e-4) -> dict:
+    """Export ``model`` (eval mode, CPU) to ``out`` and check it in onnxruntime on one sample.
+
+    Writes ``out`` (one file, weights inside) and ``out`` + ``.json`` (inputs with their meaning,
+    outputs, the exported shapes, the parity figures and the model config), each atomically.
+    The shapes are those of the sample (batch of one, the config's cameras and image size); the
+    number of pillars is dynamic. Returns the JSON's content; ``report["ok"]`` says whether every
+    output is within ``tolerance`` of PyTorch (relative to its largest magnitude).
+    """
+    from bevkit.engine.data import BEVDataModule, history_frames
+
+    require_exporter()
+    out = Path(out)
+    split = split or cfg.data.val_split
+    history = history_frames(cfg)
+    model = model.eval().cpu()
+    inputs = graph_inputs(model, history)
+    ds = BEVDataModule(cfg).dataset(split, train=False)
+    batch = example_batch(cfg, model, split, sample, ds)
+    args = graph_args(batch, inputs)
+    with torch.no_grad():
+        names_out = list(flatten_outputs(model(batch), bool(history)))
+    graph = ExportGraph(model, inputs, batch_size=1, history=history).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    t0 = time.perf_counter()
+    try:
+        _export(graph, args, tmp, names_out, opset)
+        export_s = time.perf_counter() - t0
+        # The exported sample, and the next one (other images, poses and pillars through the same graph).
+        checked = [sample] + ([sample + 1] if sample + 1 < len(ds) else [])
+        checks = [parity(tmp, model, batch if i == sample else example_batch(cfg, model, split, i, ds), inputs,
+                         history) for i in checked]
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    worst = max(c["max_rel_diff"] for c in checks)
+    unmatched = sum(c.get("decoded", {}).get("unmatched", 0) for c in checks)
+    report = {
+        "model": cfg.model.name, "onnx": out.name, "bytes": out.stat().st_size, "export_s": export_s,
+        "sample": {"split": split, "index": sample, "token": batch["token"][0]},
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""),
+                    "meaning": INPUT_DOC[n]} for n, a in zip(inputs, args)],
+        "outputs": list(names_out), "dynamic": ["pillar_features", "pillar_coords", "pillar_counts"]
+        if "pillar_features" in inputs else [],
+        "parity": {"samples": checked, "max_rel_diff": worst, "decoded_unmatched": unmatched, "per_sample": checks},
+        "tolerance": tolerance, "ok": worst <= tolerance,
+        "config": cfg.model_dump(mode="json"),
+    }
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(report, indent=2))
+    return report

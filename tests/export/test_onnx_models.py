@@ -1,0 +1,110 @@
+"""Whole models exported to ONNX (in-graph geometry, exportable ops) match PyTorch in onnxruntime."""
+
+import json
+
+import pytest
+import torch
+
+from bevkit.config import ConfigError, load_experiment
+from bevkit.engine.checkpoint import build_experiment_model
+from bevkit.export import compare_detections, export_onnx, flatten_outputs, graph_args, nest
+from bevkit.models.view_transforms import inverse_3x3
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(preset: str, root, out):
+    cfg = load_experiment(f"configs/{preset}.yaml", [f"data.root={root}", "data.train_split=mini_train",
+                                                     "data.val_split=mini_val", "data.workers=0", f"out={out}"])
+    torch.manual_seed(0)
+    return cfg, build_experiment_model(cfg, load_checkpoint=False).eval()
+
+
+def _run(path, feeds: dict) -> dict:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v.numpy() for k, v in feeds.items()})))
+
+
+def test_inverse_3x3_matches_linalg():
+    m = torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(0),
+                                                               dtype=torch.float64)
+    torch.testing.assert_close(inverse_3x3(m), torch.linalg.inv(m), rtol=1e-10, atol=1e-10)
+
+
+def test_nest_inverts_flatten():
+    out = {"bev": torch.zeros(1), "features": torch.ones(2), "depth": torch.ones(3),
+           "detection": [{"heatmap": torch.full((1,), 3.0), "offset": torch.full((2,), 4.0)}],
+           "map": torch.full((1,), 5.0)}
+    flat = flatten_outputs(out, temporal=False)
+    assert list(flat) == ["features", "detection.0.heatmap", "detection.0.offset", "map"]  # no depth, no bev
+    back = nest({k: v.numpy() for k, v in flat.items()})
+    assert torch.equal(back["detection"][0]["offset"], out["detection"][0]["offset"])
+    assert torch.equal(back["map"], out["map"])
+
+
+def test_lift_splat_model_exports_with_camera_matrices_as_inputs(tiny_root, tmp_path):
+    cfg, model = _model("bevdet-synth", tiny_root, tmp_path / "run")
+    path = tmp_path / "bevdet.onnx"
+    rep = export_onnx(cfg, model, path)
+    assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5
+    assert rep["parity"]["samples"] == [0, 1]
+    assert [i["name"] for i in rep["inputs"]] == ["images", "intrinsics", "img_aug", "ego_from_cam"]
+    assert json.loads((tmp_path / "bevdet.onnx.json").read_text())["outputs"] == rep["outputs"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    # (Decoded boxes are compared with a trained model in tests/engine: the near-equal scores of random
+    # weights let circle NMS keep either of two neighbours.)
+
+    # The geometry is computed in the graph: a mirrored image augmentation (another frustum, other cells)
+    # gives what the PyTorch model gives for it.
+    from bevkit.export import example_batch
+
+    batch = example_batch(cfg, model, "mini_val", 0)
+    flip = torch.tensor([[-1.0, 0.0, 175.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    batch["img_aug"] = flip @ batch["img_aug"]
+    batch["images"] = batch["images"].flip(-1)
+    got = _run(path, dict(zip(["images", "intrinsics", "img_aug", "ego_from_cam"],
+                              graph_args(batch, ["images", "intrinsics", "img_aug", "ego_from_cam"]))))
+    with torch.no_grad():
+        ref = flatten_outputs(model(batch), temporal=False)
+    assert ref["features"].abs().max() > 0
+    for name, value in ref.items():
+        diff = (torch.from_numpy(got[name]) - value).abs().max()
+        assert diff <= 1e-5 * value.abs().max() + 1e-7, name
+
+
+def test_bevformer_exports_with_its_history(tiny_root, tmp_path):
+    cfg, model = _model("bevformer-synth", tiny_root, tmp_path / "run")
+    rep = export_onnx(cfg, model, tmp_path / "bevformer.onnx")
+    assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5
+    assert [i["name"] for i in rep["inputs"]][-2:] == ["prev_bev", "curr_from_prev"]
+    assert rep["outputs"][:2] == ["bev", "features"]  # the state the next frame reads comes out
+
+
+def test_sparse_voxel_lidar_is_refused(tiny_root, tmp_path):
+    cfg, model = _model("bevfusion-synth", tiny_root, tmp_path / "run")
+    with pytest.raises(ConfigError, match="no exportable form"):
+        export_onnx(cfg, model, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compare_detections_tells_ties_from_differences():
+    box = torch.tensor([[1.0, 2.0, 0.5, 4.0, 2.0, 1.5, 0.1, float("nan"), 0.0]])
+    a = {"boxes": box.repeat(2, 1), "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([0, 1])}
+    b = {"boxes": box[:1].clone(), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
+    rep = compare_detections([a], [b])
+    assert rep["unmatched"] == 1 and rep["at_cutoff"] == 0  # the label-1 box is missing, not a tie
+    b["scores"] = torch.tensor([0.3 - 1e-6])
+    b["boxes"][0, 0] += 1.0  # no box has a partner now
+    rep = compare_detections([a], [b])
+    # a's 0.3 box sits at b's lowest score and b's box at a's: ties at a cut-off; a's 0.9 box is not
+    assert rep["at_cutoff"] == 2 and rep["unmatched"] == 1
