@@ -86,8 +86,25 @@ def test_bevformer_exports_with_its_history(tiny_root, tmp_path):
     cfg, model = _model("bevformer-synth", tiny_root, tmp_path / "run")
     rep = export_onnx(cfg, model, tmp_path / "bevformer.onnx")
     assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5
-    assert [i["name"] for i in rep["inputs"]][-2:] == ["prev_bev", "curr_from_prev"]
+    names = [i["name"] for i in rep["inputs"]]
+    assert names[-3:] == ["prev_bev", "curr_from_prev", "prev_valid"]
     assert rep["outputs"][:2] == ["bev", "features"]  # the state the next frame reads comes out
+
+    # prev_valid False: the queries stand in for the history, as PyTorch does without prev_bev.
+    from bevkit.export import example_batch
+
+    batch = example_batch(cfg, model, "mini_val", 0)
+    feeds = dict(zip(names, graph_args(batch, names)))
+    feeds["prev_bev"] = torch.randn_like(feeds["prev_bev"])  # ignored
+    feeds["prev_valid"] = torch.zeros(1, dtype=torch.bool)
+    got = _run(tmp_path / "bevformer.onnx", feeds)
+    alone = {k: v for k, v in batch.items() if k not in ("prev_bev", "curr_from_prev")}
+    with torch.no_grad():
+        ref = flatten_outputs(model(alone), temporal=True)
+        with_history = model(batch)["features"]
+    assert (ref["features"] - with_history).abs().max() > 1e-3  # the history matters here
+    for name, value in ref.items():
+        assert (torch.from_numpy(got[name]) - value).abs().max() <= 1e-5 * value.abs().max() + 1e-7, name
 
 
 def test_sparse_voxel_lidar_is_refused(tiny_root, tmp_path):

@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from bevkit.atomic import write_text_atomic
 from bevkit.config import ConfigError, ExperimentConfig
 from bevkit.models.bev_model import BEVModel
+from bevkit.models.bevformer import BEVFormerEncoder
 from bevkit.models.lidar import PointPillars
 
 CAMERA_INPUTS = ("images", "intrinsics", "img_aug", "ego_from_cam")
 PILLAR_INPUTS = ("pillar_features", "pillar_coords", "pillar_counts")
-TEMPORAL_INPUTS = ("prev_bev", "curr_from_prev")
+TEMPORAL_INPUTS = ("prev_bev", "curr_from_prev", "prev_valid")
 # What each graph input is (shapes with the batch B the graph was exported for).
 INPUT_DOC = {
     "images": "(B, N, 3, H, W) uint8 RGB, the cameras of data.cameras in that order, resized and cropped as "
@@ -40,6 +41,7 @@ INPUT_DOC = {
     "pillar_counts": "(V,) int64 points in each pillar (at least 1)",
     "prev_bev": "(B, T-1, C, Y, X) float32 the 'bev' output of the previous keyframes, most recent first",
     "curr_from_prev": "(B, T-1, 4, 4) float32 ego frame of each previous keyframe -> current ego frame",
+    "prev_valid": "(B,) bool BEVFormer: whether prev_bev holds a previous frame (False: the queries stand in)",
     "map_prior": "(B, C, Y, X) float32 the global map memory read on this grid (zeros: nothing observed)",
 }
 
@@ -65,7 +67,9 @@ def graph_inputs(model: BEVModel, history: int) -> list[str]:
                               "with data-dependent sizes and has no exportable form; PointPillars exports")
         names += PILLAR_INPUTS
     if history:
-        names += TEMPORAL_INPUTS
+        names += TEMPORAL_INPUTS[:2]
+        if isinstance(model.view_transform, BEVFormerEncoder):
+            names.append("prev_valid")
     if model.map_prior is not None:
         names.append("map_prior")
     return names
@@ -171,6 +175,8 @@ def graph_args(batch: dict, inputs: list[str]) -> tuple[Tensor, ...]:
             args.append(batch["pillars"][PILLAR_INPUTS.index(name)])
         elif name == "images":
             args.append(batch["images"])
+        elif name == "prev_valid":  # a loaded batch always holds its history
+            args.append(batch.get("prev_valid", torch.ones(len(batch["images"]), dtype=torch.bool)))
         else:
             args.append(batch[name].float())
     return tuple(args)

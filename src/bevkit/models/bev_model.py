@@ -12,7 +12,8 @@ reads only the keys its branches need:
   ``pillars``: ``(features (V, M, F), coords (V, 4), counts (V,), B)`` from ``PointPillars.pillars``
   (what an exported graph takes, voxelisation having data-dependent sizes);
 - temporal (BEVDet4D, or BEVFormer's temporal self-attention with T = 2): optional ``prev_bev``
-  (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4).
+  (B, T-1, C, Y, X) and ``curr_from_prev`` (B, T-1, 4, 4); for BEVFormer an optional ``prev_valid`` (B,)
+  bool, False where ``prev_bev`` holds nothing (the queries stand in, as without ``prev_bev``).
   The caller keeps the returned ``bev`` of each frame and passes it back with the next one; the
   model stores nothing between calls.
 - map prior (Neural Map Prior): optional ``map_prior`` (B, C, Y, X), the global map memory read on
@@ -89,7 +90,7 @@ class BEVModel(nn.Module):
             geometry = camera_geometry(batch)
             if isinstance(self.view_transform, BEVFormerEncoder):  # reads its own history
                 cam_bev, depth = self.view_transform(feats, *geometry, batch.get("prev_bev"),
-                                                     batch.get("curr_from_prev"))
+                                                     batch.get("curr_from_prev"), batch.get("prev_valid"))
             elif isinstance(self.view_transform, DepthLiftSplat):  # BEVFusion: LiDAR depth into the depth net
                 cam_bev, depth = self.view_transform(feats, *geometry, batch.get("points"))
             else:

@@ -171,10 +171,15 @@ class BEVFormerEncoder(nn.Module):
         return torch.stack([xx, yy, zz], dim=-1).view(g.ny * g.nx, self.num_z, 3)
 
     def forward(self, feats: Tensor, intrinsics: Tensor, img_aug: Tensor, ego_from_cam: Tensor,
-                prev_bev: Tensor | None = None, curr_from_prev: Tensor | None = None) -> tuple[Tensor, None]:
-        """Shapes:
+                prev_bev: Tensor | None = None, curr_from_prev: Tensor | None = None,
+                prev_valid: Tensor | None = None) -> tuple[Tensor, None]:
+        """Without ``prev_bev`` the queries stand in for the history; ``prev_valid`` (an exported graph,
+        which always reads a ``prev_bev``) says per sample whether ``prev_bev`` holds one (False: the
+        queries stand in, as without it).
+
+        Shapes:
             feats: (B, N, C_in, H, W)   intrinsics, img_aug: (B, N, 3, 3)   ego_from_cam: (B, N, 4, 4)
-            prev_bev: (B, 1, C, Y, X) or None   curr_from_prev: (B, 1, 4, 4)
+            prev_bev: (B, 1, C, Y, X) or None   curr_from_prev: (B, 1, 4, 4)   prev_valid: (B,) bool or None
             returns: bev (B, C, Y, X), None (no depth distribution)
         """
         b, n, _, hf, wf = feats.shape
@@ -201,6 +206,8 @@ class BEVFormerEncoder(nn.Module):
         else:
             aligned = bev_warp(prev_bev[:, 0], curr_from_prev[:, 0].to(q.dtype), self.grid.spec())  # (B, C, Y, X)
             prev = aligned.flatten(2).transpose(1, 2)  # (B, Q, C)
+            if prev_valid is not None:
+                prev = torch.where(prev_valid.view(-1, 1, 1), prev, q)
         for layer in self.layers:
             q = layer(q, prev, ref_bev, (ny, nx), x, ref_cam, seen)
         return q.transpose(1, 2).reshape(b, self.channels, ny, nx), None
