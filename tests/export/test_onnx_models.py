@@ -64,14 +64,16 @@ def test_lift_splat_model_exports_with_camera_matrices_as_inputs(tiny_root, tmp_
     # (Decoded boxes are compared with a trained model in tests/engine: the near-equal scores of random
     # weights let circle NMS keep either of two neighbours.)
 
-    # The geometry is computed in the graph: a mirrored image augmentation (another frustum, other cells)
-    # gives what the PyTorch model gives for it.
+    # The geometry is computed in the graph: a mirrored image augmentation and a rotated BEV (another
+    # frustum, other cells) give what the PyTorch model gives for them.
     from bevkit.export import example_batch
 
     batch = example_batch(cfg, model, "mini_val", 0)
     flip = torch.tensor([[-1.0, 0.0, 175.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     batch["img_aug"] = flip @ batch["img_aug"]
     batch["images"] = batch["images"].flip(-1)
+    c, s = torch.cos(torch.tensor(0.3)), torch.sin(torch.tensor(0.3))
+    batch["bev_aug"] = torch.tensor([[[c, -s, 0.0, 0.0], [s, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
     got = _run(path, dict(zip(["images", "intrinsics", "img_aug", "ego_from_cam"],
                               graph_args(batch, ["images", "intrinsics", "img_aug", "ego_from_cam"]))))
     with torch.no_grad():

@@ -168,10 +168,15 @@ def example_batch(cfg: ExperimentConfig, model: BEVModel, split: str, sample: in
 
 
 def graph_args(batch: dict, inputs: list[str]) -> tuple[Tensor, ...]:
-    """The graph's input tensors from a batch (camera matrices as float32)."""
+    """The graph's input tensors from a batch (camera matrices as float32; the camera poses composed
+    with the batch's ``bev_aug``, as the model composes them)."""
+    from bevkit.models.bev_model import camera_geometry
+
     args = []
     for name in inputs:
-        if name in PILLAR_INPUTS:
+        if name == "ego_from_cam":
+            args.append(camera_geometry(batch)[2].float())
+        elif name in PILLAR_INPUTS:
             args.append(batch["pillars"][PILLAR_INPUTS.index(name)])
         elif name == "images":
             args.append(batch["images"])
