@@ -5,9 +5,9 @@ graph) and exported on sample 0 of the dataset's val split, in its own process s
 memory is its own. Prints one JSON document: per preset the export time, the file size, the
 largest relative difference of any output over two samples, onnxruntime's and PyTorch's latency
 (median of three, this machine's threads), the peak resident set of the process, or the reason
-it was refused. Decoded boxes are not compared here: initial weights give near-equal scores,
-where circle NMS may keep either of two neighbours (``bevkit export`` on a trained checkpoint
-compares them).
+it was refused. The decoded boxes are compared too, but with initial weights they say little:
+scores are near-equal, so circle NMS may keep either of two neighbours (``bevkit export`` on a
+trained checkpoint is the check that counts).
 
     python benchmarks/export_presets.py --data data/synth-mini [--presets bevdet-synth ...] [--out FILE]
 """
@@ -52,6 +52,7 @@ def one(preset: str, data: str) -> dict:
             "inputs": {i["name"]: i["shape"] for i in rep["inputs"]},
             "max_rel_diff": rep["parity"]["max_rel_diff"], "samples": rep["parity"]["samples"],
             "onnxruntime_ms": 1e3 * first["onnxruntime_s"], "torch_ms": 1e3 * first["torch_s"],
+            "decoded": [c.get("decoded") for c in rep["parity"]["per_sample"]],
             "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
