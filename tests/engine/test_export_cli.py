@@ -44,9 +44,13 @@ def test_export_cli_writes_a_graph_that_matches_pytorch(trained_run, tmp_path, c
     torch.testing.assert_close(boxes, model.decode(model(batch))["detection"][0]["boxes"], rtol=0, atol=1e-4,
                                equal_nan=True)
 
-    # A tolerance no float graph meets: exit 1, the file kept for inspection.
+    # A tolerance no float graph meets: exit 1, the graph kept aside for inspection, the good file untouched.
+    before = out.read_bytes()
     assert main(["export", cfg_path, str(ckpt), "--out", str(out), "--tolerance", "1e-12"]) == 1
-    assert "more than --tolerance" in capsys.readouterr().err and out.is_file()
+    err = capsys.readouterr().err
+    assert "more than --tolerance" in err and "pp.rejected.onnx" in err
+    assert (tmp_path / "pp.rejected.onnx").is_file() and out.read_bytes() == before
+    assert json.loads((tmp_path / "pp.rejected.onnx.json").read_text())["ok"] is False
 
 
 def test_export_cli_errors_are_one_line(trained_run, tmp_path, capsys):
@@ -58,4 +62,9 @@ def test_export_cli_errors_are_one_line(trained_run, tmp_path, capsys):
     assert "no such checkpoint file" in capsys.readouterr().err
     assert main(["export", cfg_path, str(ckpt), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["export", cfg_path, str(ckpt), "--out", str(tmp_path / "a.onnx"), "--opset", "13"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--opset 13" in err
+    assert main(["export", cfg_path, str(ckpt), "--out", str(tmp_path / "a.onnx"), "--tolerance", "inf"]) == 2
+    assert "--tolerance must be a positive number" in capsys.readouterr().err
     assert not (tmp_path / "a.onnx").exists()

@@ -8,6 +8,7 @@ import torch
 from bevkit.config import ConfigError, load_experiment
 from bevkit.engine.checkpoint import build_experiment_model
 from bevkit.export import compare_detections, export_onnx, flatten_outputs, graph_args, nest
+from bevkit.export.onnx import output_difference
 from bevkit.models.view_transforms import inverse_3x3
 
 pytest.importorskip("onnxscript")
@@ -54,15 +55,15 @@ def test_nest_inverts_flatten():
 
 def test_lift_splat_model_exports_with_camera_matrices_as_inputs(tiny_root, tmp_path):
     cfg, model = _model("bevdet-synth", tiny_root, tmp_path / "run")
-    path = tmp_path / "bevdet.onnx"
-    rep = export_onnx(cfg, model, path)
-    assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5
+    rep = export_onnx(cfg, model, tmp_path / "bevdet.onnx")
+    # (Decoded boxes are compared with a trained model in tests/engine: the near-equal scores of random
+    # weights let circle NMS keep either of two neighbours, which can send the graph to .rejected.onnx.)
+    path = tmp_path / rep["onnx"]
+    assert rep["raw_ok"] and rep["parity"]["max_rel_diff"] < 1e-5 and rep["opset"] >= 18
     assert rep["parity"]["samples"] == [0, 1]
     assert [i["name"] for i in rep["inputs"]] == ["images", "intrinsics", "img_aug", "ego_from_cam"]
-    assert json.loads((tmp_path / "bevdet.onnx.json").read_text())["outputs"] == rep["outputs"]
+    assert json.loads((tmp_path / (rep["onnx"] + ".json")).read_text())["outputs"] == rep["outputs"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
-    # (Decoded boxes are compared with a trained model in tests/engine: the near-equal scores of random
-    # weights let circle NMS keep either of two neighbours.)
 
     # The geometry is computed in the graph: a mirrored image augmentation and a rotated BEV (another
     # frustum, other cells) give what the PyTorch model gives for them.
@@ -87,7 +88,7 @@ def test_lift_splat_model_exports_with_camera_matrices_as_inputs(tiny_root, tmp_
 def test_bevformer_exports_with_its_history(tiny_root, tmp_path):
     cfg, model = _model("bevformer-synth", tiny_root, tmp_path / "run")
     rep = export_onnx(cfg, model, tmp_path / "bevformer.onnx")
-    assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5
+    assert rep["ok"] and rep["parity"]["max_rel_diff"] < 1e-5  # the DETR head has no NMS: boxes pair up
     names = [i["name"] for i in rep["inputs"]]
     assert names[-3:] == ["prev_bev", "curr_from_prev", "prev_valid"]
     assert rep["outputs"][:2] == ["bev", "features"]  # the state the next frame reads comes out
@@ -117,13 +118,40 @@ def test_sparse_voxel_lidar_is_refused(tiny_root, tmp_path):
 
 
 def test_compare_detections_tells_ties_from_differences():
-    box = torch.tensor([[1.0, 2.0, 0.5, 4.0, 2.0, 1.5, 0.1, float("nan"), 0.0]])
-    a = {"boxes": box.repeat(2, 1), "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([0, 1])}
-    b = {"boxes": box[:1].clone(), "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}
-    rep = compare_detections([a], [b])
-    assert rep["unmatched"] == 1 and rep["at_cutoff"] == 0  # the label-1 box is missing, not a tie
-    b["scores"] = torch.tensor([0.3 - 1e-6])
-    b["boxes"][0, 0] += 1.0  # no box has a partner now
-    rep = compare_detections([a], [b])
-    # a's 0.3 box sits at b's lowest score and b's box at a's: ties at a cut-off; a's 0.9 box is not
-    assert rep["at_cutoff"] == 2 and rep["unmatched"] == 1
+    box = torch.tensor([[1.0, 2.0, 0.5, 4.0, 2.0, 1.5, 3.14159, float("nan"), 0.0]])
+
+    def dets(boxes, scores, labels):
+        return {"boxes": boxes, "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+
+    same = dets(box.clone(), [0.9], [0])
+    wrapped = box.clone()
+    wrapped[0, 6] = -3.14159 + 1e-5  # the same heading across +-pi
+    assert compare_detections([same], [dets(wrapped, [0.9], [0])])["unmatched"] == 0
+    # A missing box, a NaN box against a number, another score: each a difference.
+    assert compare_detections([dets(box.repeat(2, 1), [0.9, 0.3], [0, 1])], [same])["unmatched"] == 1
+    assert compare_detections([dets(torch.full_like(box, float("nan")), [0.9], [0])], [same])["unmatched"] == 2
+    assert compare_detections([dets(box.clone(), [0.2], [0])], [same])["unmatched"] == 2
+    # One to one: [A, A] against [A, B] leaves one A and B over.
+    other = box.clone()
+    other[0, 0] += 5.0
+    rep = compare_detections([dets(box.repeat(2, 1), [0.9, 0.9], [0, 0])],
+                             [dets(torch.cat([box, other]), [0.9, 0.9], [0, 0])])
+    assert rep["unmatched"] == 2
+    # Ties: at the score threshold, or at the lowest score of a side that holds max_boxes.
+    low = dets(other, [0.1 + 1e-6], [0])
+    assert compare_detections([low], [dets(box[:0], [], [])], threshold=0.1)["at_cutoff"] == 1
+    full = dets(box.clone(), [0.5], [0])
+    rep = compare_detections([dets(other, [0.5], [0])], [full], max_boxes=1)
+    assert rep["at_cutoff"] == 2 and rep["unmatched"] == 0
+    assert compare_detections([dets(other, [0.5], [0])], [full])["unmatched"] == 2  # not full: a difference
+    with pytest.raises(ValueError, match="samples"):
+        compare_detections([same, same], [same])
+
+
+def test_a_nan_in_the_graph_output_fails_the_check():
+    ok = output_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-7]))
+    assert ok["rel_diff"] < 1e-6 and ok["mismatched_finite"] == 0
+    bad = output_difference(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]))
+    assert bad["rel_diff"] == float("inf") and bad["mismatched_finite"] == 1
+    both = output_difference(torch.tensor([float("inf"), 2.0]), torch.tensor([float("inf"), 2.0]))
+    assert both["rel_diff"] == 0.0  # the same infinity on both sides is agreement

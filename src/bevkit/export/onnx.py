@@ -11,6 +11,7 @@ matrices, ``deform_attn_exportable``), which equal the fast paths.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -199,6 +200,19 @@ def _export(graph: ExportGraph, args: tuple, path: Path, names_out: list[str], o
                                     output_names=names_out, opset_version=opset, dynamic_shapes=dynamic,
                                     external_data=False)
         program.save(str(path), external_data=False)
+    with open(path, "rb") as f:  # on disk before it is renamed into place
+        os.fsync(f.fileno())
+
+
+MIN_OPSET = 18  # the dynamo exporter writes opset 18 or later; below, its version converter fails
+
+
+def written_opset(path: Path) -> int:
+    """The default-domain opset a saved ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _median_time(fn, repeat: int = 3) -> float:
@@ -210,15 +224,36 @@ def _median_time(fn, repeat: int = 3) -> float:
     return sorted(times)[repeat // 2]
 
 
+def output_difference(got: Tensor, ref: Tensor) -> dict:
+    """How far one graph output is from PyTorch's: the largest absolute difference, the largest magnitude
+    of PyTorch's, their ratio, and the elements finite in one and not the other (``mismatched_finite``;
+    any makes the ratio infinite, so a NaN in the graph's output fails the check). Elements that are the
+    same non-finite value in both count as equal.
+
+    Shapes:
+        got, ref: the same shape
+    """
+    got, ref = got.float(), ref.float()
+    both = torch.isfinite(got) & torch.isfinite(ref)
+    same = (got == ref) | (torch.isnan(got) & torch.isnan(ref))
+    mismatched = int((~both & ~same).sum())
+    diff = float((got - ref)[both].abs().max()) if both.any() else 0.0
+    scale = float(ref[torch.isfinite(ref)].abs().max()) if torch.isfinite(ref).any() else 0.0
+    rel = math.inf if mismatched else (diff / scale if scale > 0 else diff)
+    return {"shape": list(got.shape), "max_abs_diff": diff, "max_abs": scale, "rel_diff": rel,
+            "mismatched_finite": mismatched}
+
+
 def parity(path: Path, model: BEVModel, batch: dict, inputs: list[str], history: int) -> dict:
-    """The ONNX graph in onnxruntime against the PyTorch model (its fast paths) on one batch: the
-    largest absolute difference of each output and that over the output's largest magnitude, and,
-    with a detection head, the decoded boxes compared one by one (:func:`compare_detections`); the
-    latency of both (median of three calls after a warm-up, this machine's threads)."""
+    """The ONNX graph in onnxruntime against the PyTorch model (its fast paths) on one batch: per output
+    :func:`output_difference`, their worst ratio ``max_rel_diff``, and, with a detection head, the
+    decoded boxes compared one by one (:func:`compare_detections`); the latency of both (median of
+    three calls after a warm-up, this machine's threads)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), graph_args(batch, inputs))}
+    given = dict(zip(inputs, graph_args(batch, inputs)))
+    feeds = {i.name: given[i.name].numpy() for i in session.get_inputs()}  # by name
     got = session.run(None, feeds)
     with torch.no_grad():
         ref = flatten_outputs(model(batch), bool(history))
@@ -229,72 +264,103 @@ def parity(path: Path, model: BEVModel, batch: dict, inputs: list[str], history:
     if names != list(ref):
         raise RuntimeError(f"export: the graph's outputs {names} are not the model's {list(ref)}")
     report = {"outputs": {}, "onnxruntime_s": ort_s, "torch_s": torch_s}
-    worst = 0.0
     for name, value in zip(names, got):
-        r = ref[name].float()
-        diff = float((torch.from_numpy(value).float() - r).abs().max()) if r.numel() else 0.0
-        scale = float(r.abs().max()) if r.numel() else 0.0
-        rel = diff / scale if scale > 0 else diff
-        worst = max(worst, rel)
-        report["outputs"][name] = {"shape": list(value.shape), "max_abs_diff": diff, "max_abs": scale,
-                                   "rel_diff": rel}
-    report["max_rel_diff"] = worst
+        report["outputs"][name] = output_difference(torch.from_numpy(value), ref[name])
+    report["max_rel_diff"] = max((o["rel_diff"] for o in report["outputs"].values()), default=0.0)
     if "detection" in model.heads:
+        head = model.heads["detection"]
         with torch.no_grad():
-            mine = model.heads["detection"].decode(nest(dict(zip(names, got)))["detection"])
-            theirs = model.heads["detection"].decode(nest(ref)["detection"])
-        report["decoded"] = compare_detections(mine, theirs,
-                                               threshold=getattr(model.heads["detection"].cfg, "score_threshold", None))
+            mine = head.decode(nest(dict(zip(names, got)))["detection"])
+            theirs = head.decode(nest(ref)["detection"])
+        report["decoded"] = compare_detections(mine, theirs, threshold=getattr(head.cfg, "score_threshold", None),
+                                               max_boxes=getattr(head.cfg, "max_boxes", None))
     return report
 
 
+def _box_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Largest element-wise difference between every pair of decoded boxes (yaw wrapped to [-pi, pi],
+    NaN velocities equal to NaN, and infinitely far from a number).
+
+    Shapes:
+        x: (M, 9)   y: (M', 9)   returns: (M, M')
+    """
+    d = x[:, None] - y[None]  # (M, M', 9)
+    d[..., 6] = torch.atan2(torch.sin(d[..., 6]), torch.cos(d[..., 6]))
+    d = d.abs()
+    both_nan = torch.isnan(x)[:, None] & torch.isnan(y)[None]
+    d = torch.where(both_nan, torch.zeros_like(d), d.nan_to_num(nan=float("inf")))
+    return d.amax(-1)
+
+
 def compare_detections(mine: list[dict], ref: list[dict], tol: float = 1e-3, score_tol: float = 1e-5,
-                       threshold: float | None = None) -> dict:
-    """Decoded boxes of the graph against PyTorch's, sample by sample. Equal scores can be ranked
-    in either order, so each box is matched to the nearest one of the same label in the other
-    list (largest element-wise difference of the 9 values, NaN velocities equal). A box with no
-    partner within ``tol`` counts as ``at_cutoff`` when its score is within ``score_tol`` of the
-    other list's lowest score (a tie at the box limit went the other way) or of the decoder's
-    score ``threshold``, else as ``unmatched``. ``max_box_diff`` / ``max_score_diff`` are over the
-    matched pairs.
+                       threshold: float | None = None, max_boxes: int | None = None) -> dict:
+    """Decoded boxes of the graph against PyTorch's, sample by sample.
+
+    Equal scores can be ranked in either order, so boxes are paired one to one, nearest first: two
+    boxes pair when they have the same label, their scores differ by at most ``score_tol`` and their
+    9 values by at most ``tol`` (yaw wrapped; a NaN only pairs with a NaN). A box left without a
+    partner counts as ``at_cutoff`` when its score is within ``score_tol`` of the decoder's score
+    ``threshold``, or of the other list's lowest score when that list holds ``max_boxes`` (a tie at
+    the box limit went the other way), else as ``unmatched``. ``max_box_diff`` / ``max_score_diff`` are over the pairs.
 
     Shapes:
         mine, ref: per sample {boxes (M, 9), scores (M,), labels (M,)}
     """
+    if len(mine) != len(ref):
+        raise ValueError(f"compare_detections: {len(mine)} samples against {len(ref)}")
     unmatched = at_cutoff = 0
     box_diff = score_diff = 0.0
-    for a, b in zip(mine, ref):
-        for x, y in ((a, b), (b, a)):
-            if not len(x["boxes"]):
+    for x, y in zip(mine, ref):
+        mx, my = len(x["boxes"]), len(y["boxes"])
+        free_x = torch.ones(mx, dtype=torch.bool)
+        free_y = torch.ones(my, dtype=torch.bool)
+        if mx and my:
+            d = _box_distance(x["boxes"].double(), y["boxes"].double())
+            ds = (x["scores"].double()[:, None] - y["scores"].double()[None]).abs()
+            ok = (x["labels"][:, None] == y["labels"][None]) & (d <= tol) & (ds <= score_tol)
+            cand = ok.nonzero()
+            order = torch.argsort(d[cand[:, 0], cand[:, 1]], stable=True)
+            for i, j in cand[order].tolist():  # nearest pairs first, each box used once
+                if free_x[i] and free_y[j]:
+                    free_x[i] = free_y[j] = False
+                    box_diff = max(box_diff, float(d[i, j]))
+                    score_diff = max(score_diff, float(ds[i, j]))
+        for side, free, other in ((x, free_x, y), (y, free_y, x)):
+            if not free.any():
                 continue
-            if not len(y["boxes"]):
-                unmatched += len(x["boxes"])
-                continue
-            d = (x["boxes"][:, None] - y["boxes"][None]).nan_to_num(nan=0.0).abs().amax(-1)  # (M, M')
-            d = torch.where(x["labels"][:, None] == y["labels"][None], d, torch.full_like(d, float("inf")))
-            best, j = d.min(1)
-            ok = best <= tol
-            near = (x["scores"] - y["scores"].min()).abs() <= score_tol
+            scores = side["scores"][free].double()
+            near = torch.zeros_like(scores, dtype=torch.bool)
+            if max_boxes is not None and len(other["scores"]) >= max_boxes:
+                near |= (scores - other["scores"].double().min()).abs() <= score_tol
             if threshold is not None:
-                near |= (x["scores"] - threshold).abs() <= score_tol
-            cut = ~ok & near
-            at_cutoff += int(cut.sum())
-            unmatched += int((~ok & ~cut).sum())
-            if ok.any():
-                box_diff = max(box_diff, float(best[ok].max()))
-                score_diff = max(score_diff, float((x["scores"][ok] - y["scores"][j[ok]]).abs().max()))
+                near |= (scores - threshold).abs() <= score_tol
+            at_cutoff += int(near.sum())
+            unmatched += int((~near).sum())
     return {"boxes_onnx": sum(len(a["boxes"]) for a in mine), "boxes_torch": sum(len(b["boxes"]) for b in ref),
             "unmatched": unmatched, "at_cutoff": at_cutoff, "max_box_diff": box_diff, "max_score_diff": score_diff}
 
 
-def require_exporter() -> None:
-    """Raise ``ConfigError`` naming the extra to install when the exporter or onnxruntime is missing."""
+def require_exporter(opset: int | None = None) -> None:
+    """Raise ``ConfigError`` naming what to install when the exporter, onnxruntime or a recent enough
+    torch is missing, or when ``opset`` is one the exporter cannot write."""
     import importlib.util
+    import inspect
 
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(f"export needs {', '.join(missing)}: pip install 'bevkit[export]' "
                           "(or pip install onnx onnxscript onnxruntime)")
+    params = set(inspect.signature(torch.onnx.export).parameters)
+    if not hasattr(torch.compiler, "is_exporting") or not {"dynamo", "dynamic_shapes", "external_data"} <= params:
+        raise ConfigError("export needs torch's dynamo ONNX exporter (torch >= 2.6); "
+                          f"this is torch {torch.__version__}")
+    if opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise ConfigError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {newest} "
+                              f"(this onnx {onnx.__version__})")
 
 
 def load_trained(cfg: ExperimentConfig, ckpt_path) -> BEVModel:
@@ -321,17 +387,24 @@ def load_trained(cfg: ExperimentConfig, ckpt_path) -> BEVModel:
 
 def export_onnx(cfg: ExperimentConfig, model: BEVModel, out, split: str | None = None, sample: int = 0,
                 opset: int | None = None, tolerance: float = 1e-4) -> dict:
-    """Export ``model`` (eval mode, CPU) to ``out`` and check it in onnxruntime on one sample.
+    """Export ``model`` to ``out`` and check it in onnxruntime on sample ``sample`` of ``split`` and the
+    next one. The model is put in eval mode on the CPU (in place).
 
-    Writes ``out`` (one file, weights inside) and ``out`` + ``.json`` (inputs with their meaning,
-    outputs, the exported shapes, the parity figures and the model config), each atomically.
-    The shapes are those of the sample (batch of one, the config's cameras and image size); the
-    number of pillars is dynamic. Returns the JSON's content; ``report["ok"]`` says whether every
-    output is within ``tolerance`` of PyTorch (relative to its largest magnitude).
+    The check passes (``report["ok"]``) when every output is within ``tolerance`` of PyTorch's
+    (relative to its largest magnitude, with no element finite in one and not the other) and, with a
+    detection head, every decoded box has a partner (ties at a cut-off aside; see
+    :func:`compare_detections`). Then ``out`` (one file, weights inside) and ``out`` + ``.json``
+    (inputs with their meaning, outputs, opset, the parity figures and the model config) are renamed
+    into place, the description first written beside it, each synced to disk. A graph that fails the
+    check goes to ``<stem>.rejected.onnx`` (+ ``.json``) instead, and an earlier ``out`` is left as it
+    was. The shapes are the sample's (batch of one, the config's cameras and image size), except the
+    number of pillars, which is dynamic. Returns the description.
     """
     from bevkit.engine.data import BEVDataModule, history_frames
 
-    require_exporter()
+    require_exporter(opset)
+    if not math.isfinite(tolerance) or tolerance <= 0:
+        raise ConfigError(f"export: the tolerance must be a positive number, got {tolerance}")
     out = Path(out)
     split = split or cfg.data.val_split
     history = history_frames(cfg)
@@ -345,29 +418,50 @@ def export_onnx(cfg: ExperimentConfig, model: BEVModel, out, split: str | None =
     graph = ExportGraph(model, inputs, batch_size=1, history=history).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_json = out.with_name(f".{out.name}.json.tmp-{os.getpid()}")
     t0 = time.perf_counter()
     try:
         _export(graph, args, tmp, names_out, opset)
         export_s = time.perf_counter() - t0
+        got_opset = written_opset(tmp)
+        if opset is not None and got_opset != opset:
+            raise ConfigError(f"--opset {opset}: the exporter wrote opset {got_opset}")
         # The exported sample, and the next one (other images, poses and pillars through the same graph).
         checked = [sample] + ([sample + 1] if sample + 1 < len(ds) else [])
         checks = [parity(tmp, model, batch if i == sample else example_batch(cfg, model, split, i, ds), inputs,
                          history) for i in checked]
-        os.replace(tmp, out)
+        worst = max(c["max_rel_diff"] for c in checks)
+        unmatched = sum(c.get("decoded", {}).get("unmatched", 0) for c in checks)
+        raw_ok = worst <= tolerance
+        ok = raw_ok and unmatched == 0
+        final = out if ok else out.with_name(f"{out.stem}.rejected{out.suffix or '.onnx'}")
+        report = {
+            "model": cfg.model.name, "onnx": final.name, "bytes": tmp.stat().st_size, "export_s": export_s,
+            "opset": got_opset, "sample": {"split": split, "index": sample, "token": batch["token"][0]},
+            "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""),
+                        "meaning": INPUT_DOC[n]} for n, a in zip(inputs, args)],
+            "outputs": list(names_out), "dynamic": ["pillar_features", "pillar_coords", "pillar_counts"]
+            if "pillar_features" in inputs else [],
+            "parity": {"samples": checked, "max_rel_diff": worst, "decoded_unmatched": unmatched,
+                       "per_sample": checks},
+            "tolerance": tolerance, "raw_ok": raw_ok, "ok": ok,
+            "config": cfg.model_dump(mode="json"),
+        }
+        write_text_atomic(tmp_json, json.dumps(_json_safe(report), indent=2))  # fails before anything moves
+        os.replace(tmp, final)
+        os.replace(tmp_json, final.with_name(final.name + ".json"))
     finally:
         tmp.unlink(missing_ok=True)
-    worst = max(c["max_rel_diff"] for c in checks)
-    unmatched = sum(c.get("decoded", {}).get("unmatched", 0) for c in checks)
-    report = {
-        "model": cfg.model.name, "onnx": out.name, "bytes": out.stat().st_size, "export_s": export_s,
-        "sample": {"split": split, "index": sample, "token": batch["token"][0]},
-        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""),
-                    "meaning": INPUT_DOC[n]} for n, a in zip(inputs, args)],
-        "outputs": list(names_out), "dynamic": ["pillar_features", "pillar_coords", "pillar_counts"]
-        if "pillar_features" in inputs else [],
-        "parity": {"samples": checked, "max_rel_diff": worst, "decoded_unmatched": unmatched, "per_sample": checks},
-        "tolerance": tolerance, "ok": worst <= tolerance,
-        "config": cfg.model_dump(mode="json"),
-    }
-    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(report, indent=2))
+        tmp_json.unlink(missing_ok=True)
     return report
+
+
+def _json_safe(value):
+    """``value`` with non-finite floats as strings ("inf", "nan"): strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
