@@ -453,10 +453,12 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
     cs = t["calibrated_sensor"]
     cs_channel = [t["sensor"][k].channel for k in rows["sensor"]([c.sensor_token for c in cs], "calibrated_sensor")]
     sd = t["sample_data"]
-    sd_cs = rows["calibrated_sensor"](_attr(sd, "calibrated_sensor_token"), "sample_data")
-    sd_pose = np.array(rows["ego_pose"](_attr(sd, "ego_pose_token"), "sample_data"), dtype=np.int64)
     sd_row = dict(zip(_attr(sd, "token"), range(len(sd))))
-    keyframe = {(d.sample_token, cs_channel[c]): i for i, (d, c) in enumerate(zip(sd, sd_cs)) if d.is_key_frame}
+    # Only keyframes are looked up by (sample, channel): real tables hold ten times more sweeps (cameras
+    # at 12 Hz, LiDAR at 20 Hz, radars), and the records the index uses are resolved further down.
+    kf = [i for i, d in enumerate(sd) if d.is_key_frame]
+    kf_cs = rows["calibrated_sensor"]((sd[i].calibrated_sensor_token for i in kf), "sample_data")
+    keyframe = {(sd[i].sample_token, cs_channel[c]): i for i, c in zip(kf, kf_cs)}
 
     # Every sensor record a sample needs, sample by sample: LiDAR keyframe, cameras, sweeps.
     use, kind, start = [], [], [0]
@@ -479,15 +481,17 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
             kind.append(SENSOR_SWEEP)
         start.append(len(use))
     start = np.array(start, dtype=np.int64)
-    use = np.array(use, dtype=np.int64)
     use_sample = np.repeat(np.arange(len(samples)), np.diff(start))
+    used = [sd[j] for j in use]
+    use_pose = rows["ego_pose"](_attr(used, "ego_pose_token"), "sample_data")
+    use_cs = np.array(rows["calibrated_sensor"](_attr(used, "calibrated_sensor_token"), "sample_data"), dtype=np.int64)
 
-    global_from_ego = _pose_matrices(t["ego_pose"])
-    g_key = global_from_ego[sd_pose[use[start[:-1]]]]  # (S, 4, 4): each sample's LiDAR keyframe pose
+    poses = t["ego_pose"]
+    global_from_sensor_ego = _pose_matrices([poses[k] for k in use_pose])  # (K, 4, 4): each record's ego pose
+    g_key = global_from_sensor_ego[start[:-1]]  # (S, 4, 4): each sample's LiDAR keyframe pose (its first record)
     key_from_global = inverse(g_key)
     # keyframe ego <- global <- sensor's ego at its own time <- sensor
-    ego_from_sensor = (key_from_global[use_sample] @ global_from_ego[sd_pose[use]]
-                       @ _pose_matrices(cs)[np.array(sd_cs, dtype=np.int64)[use]])
+    ego_from_sensor = key_from_global[use_sample] @ global_from_sensor_ego @ _pose_matrices(cs)[use_cs]
     intrinsics = np.zeros((len(cs), 3, 3))
     for i, c in enumerate(cs):
         if c.camera_intrinsic:
@@ -496,9 +500,10 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
                 raise DataError(f"{path['calibrated_sensor']}: record {c.token}: camera_intrinsic must be 3x3 "
                                 f"or empty, got shape {k.shape}")
             intrinsics[i] = k
-    sensor_timestamp = _column(_attr(sd, "timestamp"), len(sd), np.int64)[use]
-    sensor_size = np.stack([_column((d.width or 0 for d in sd), len(sd), np.int64),
-                            _column((d.height or 0 for d in sd), len(sd), np.int64)], axis=1)[use]
+    n_used = len(used)
+    sensor_timestamp = _column(_attr(used, "timestamp"), n_used, np.int64)
+    sensor_size = np.stack([_column((d.width or 0 for d in used), n_used, np.int64),
+                            _column((d.height or 0 for d in used), n_used, np.int64)], axis=1)
 
     # Annotations, all at once: global boxes -> ego of their sample's LiDAR keyframe. Columns stay
     # in table order; ``ann_order`` lists the rows sample by sample. Annotations of samples that
@@ -553,7 +558,7 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
         "scenes": scenes,
         "sample_token": [s.token for s in samples], "sample_scene": [s.scene_token for s in samples],
         "sample_prev": [s.prev or "" for s in samples], "sample_next": [s.next or "" for s in samples],
-        "sensor_filename": [sd[j].filename for j in use.tolist()],
+        "sensor_filename": [d.filename for d in used],
         "ann_token": ann_token, "ann_instance": ann_instance,
         "ann_visibility": [v or "" for v in _attr(anns, "visibility_token")],
         "categories": [c.name for c in t["category"]], "attributes": [a.name for a in t["attribute"]],
@@ -561,7 +566,7 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
     arrays = {
         "sample_timestamp": sample_time, "global_from_ego": g_key, "sensor_start": start,
         "sensor_kind": np.array(kind, dtype=np.int64), "sensor_timestamp": sensor_timestamp,
-        "sensor_size": sensor_size, "sensor_intrinsics": intrinsics[np.array(sd_cs, dtype=np.int64)[use]],
+        "sensor_size": sensor_size, "sensor_intrinsics": intrinsics[use_cs],
         "ego_from_sensor": ego_from_sensor, "ann_start": ann_start, "ann_boxes": boxes,
         "ann_order": ann_order, "ann_category": ann_category, "ann_attribute": ann_attribute,
         "ann_num_lidar_pts": _column(_attr(anns, "num_lidar_pts"), n, np.int64),
