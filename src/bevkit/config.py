@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bevkit.data.augment import BEVAugConfig, ImageAugConfig
-from bevkit.data.nuscenes import CAMERAS
+from bevkit.data.nuscenes import CAMERAS, MAX_SWEEPS
 from bevkit.models.config import ModelConfig
 
 SCHEMA_VERSION = 1
@@ -64,6 +64,7 @@ class DataSection(_Frozen):
     cameras: tuple[str, ...] = CAMERAS
     image_size: tuple[int, int] = (256, 704)
     sweeps: int = 0
+    sweep_min_distance: float = 1.0  # sweep points this close to their sensor (|x|, |y| in its frame) are dropped
     img_aug: ImageAug | None = None
     bev_aug: BEVAug | None = None
     batch_size: int = 4
@@ -78,6 +79,10 @@ class DataSection(_Frozen):
             raise ValueError(f"unknown camera(s) {unknown}; nuScenes has {list(CAMERAS)}")
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.workers < 0 or self.sweeps < 0:
             raise ValueError("batch sizes must be >= 1, workers and sweeps >= 0")
+        if self.sweeps > MAX_SWEEPS:
+            raise ValueError(f"sweeps: the index keeps {MAX_SWEEPS} previous sweeps per keyframe, got {self.sweeps}")
+        if not self.sweep_min_distance >= 0:
+            raise ValueError(f"sweep_min_distance must be >= 0 metres, got {self.sweep_min_distance}")
         return self
 
 
@@ -185,7 +190,8 @@ class ExperimentConfig(_Frozen):
         """sha256 of the canonical JSON of the model and data sections (what produced a feature).
 
         Model components added after the first release (``OPTIONAL_SINCE_V1``) enter only when set, so
-        an older config keeps its digest and its cached features stay valid."""
+        an older config keeps its digest and its cached features stay valid; ``data.sweep_min_distance``
+        enters only with sweeps (whose points it changes)."""
         d = self.to_dict()
         for key in OPTIONAL_SINCE_V1:
             *parents, leaf = key.split(".")
@@ -194,6 +200,8 @@ class ExperimentConfig(_Frozen):
                 node = node.get(k) if isinstance(node, dict) else None
             if isinstance(node, dict) and node.get(leaf, 0) is None:
                 node.pop(leaf)
+        if not d["data"].get("sweeps"):  # without sweeps it changes nothing (and came after the first release)
+            d["data"].pop("sweep_min_distance", None)
         canon = json.dumps({"model": d["model"], "data": d["data"]}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 

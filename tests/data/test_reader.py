@@ -44,6 +44,22 @@ def test_index_is_cached_and_rebuilt_when_stale(tiny_root, tmp_path):
     k = c.sample(tok)["anns"]["token"].index(rows[0]["token"])
     k0 = a.sample(tok)["anns"]["token"].index(rows[0]["token"])
     assert c.sample(tok)["anns"]["boxes"][k] != a.sample(tok)["anns"]["boxes"][k0]
+    # An edit in the middle of a table that keeps its size and modification time (as tar, rsync -a or
+    # cp -p keep times) is a different dataset too.
+    table = data / "v1.0-mini" / "sample_annotation.json"
+    raw, st = table.read_bytes(), table.stat()
+    at = raw.index(b'"translation"', len(raw) // 2)
+    at = raw.index(b".", at) + 1  # a decimal digit inside a coordinate
+    digit = raw[at:at + 1]
+    table.write_bytes(raw[:at] + (b"1" if digit != b"1" else b"2") + raw[at + 1:])
+    os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert table.stat().st_size == st.st_size and table.stat().st_mtime_ns == st.st_mtime_ns
+    assert NuScenesIndex.load(data, cache_dir=cache).identity != c.identity
+    table.write_bytes(raw)
+    # A copy of the dataset (new files, new times) keeps its identity.
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy, copy_function=shutil.copyfile)
+    assert NuScenesIndex.load(copy, cache_dir=cache).identity == c.identity
     # A foreign or corrupt file under the right name is rebuilt, not trusted.
     path = cache / "index" / f"v1.0-mini-{c.identity}.npz"
     header = json.dumps({"schema": 999, "identity": c.identity}).encode()

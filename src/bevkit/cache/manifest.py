@@ -51,6 +51,8 @@ def feature_config(cfg: ExperimentConfig) -> dict:
     inputs = {"cameras": list(d["data"]["cameras"]) if camera else [],
               "image_size": list(d["data"]["image_size"]) if camera else None,
               "sweeps": d["data"]["sweeps"] if m.lidar is not None else 0}
+    if inputs["sweeps"]:  # which sweep points are kept (entered only with sweeps, where it changes them)
+        inputs["sweep_min_distance"] = d["data"]["sweep_min_distance"]
     return {"model": d["model"], "inputs": inputs}
 
 

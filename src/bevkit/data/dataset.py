@@ -26,7 +26,7 @@ from bevkit.data.augment import (
     warp_image,
 )
 from bevkit.data.maps import MAP_CLASSES, MapLayers, rasterise
-from bevkit.data.nuscenes import CAMERAS, CATEGORY_TO_CLASS, DETECTION_CLASSES, DataError, NuScenesIndex
+from bevkit.data.nuscenes import CAMERAS, CATEGORY_TO_CLASS, DETECTION_CLASSES, MAX_SWEEPS, DataError, NuScenesIndex
 from bevkit.geometry import inverse
 from bevkit.geometry.grid import BEVGrid
 
@@ -43,7 +43,10 @@ class DataConfig:
     image_size: tuple = (256, 704)
     classes: tuple = DETECTION_CLASSES
     category_map: dict = field(default_factory=lambda: dict(CATEGORY_TO_CLASS))
-    sweeps: int = 0  # previous LiDAR sweeps to accumulate (0: the keyframe only)
+    sweeps: int = 0  # previous LiDAR sweeps to accumulate (0: the keyframe only), at most MAX_SWEEPS
+    # Sweep points with |x| and |y| below this (metres, in the sweep's sensor frame) are dropped: returns
+    # of the car itself, which ego-motion compensation would smear behind it (mmdet3d's remove_close).
+    sweep_min_distance: float = 1.0
     load_points: bool = True
     map_grid: BEVGrid | None = None
     map_classes: tuple = MAP_CLASSES
@@ -95,6 +98,9 @@ class NuScenesDataset(Dataset):
     def __init__(self, root, split: str, cfg: DataConfig | None = None, version: str | None = None,
                  index: NuScenesIndex | None = None, seed: int = 0):
         self.cfg = cfg or DataConfig()
+        if not 0 <= self.cfg.sweeps <= MAX_SWEEPS:
+            raise DataError(f"sweeps: the index keeps 0 to {MAX_SWEEPS} previous sweeps per keyframe, "
+                            f"got {self.cfg.sweeps}")
         self.index = index or NuScenesIndex.load(root, version)
         self.root = Path(self.index.root)
         self.samples = self.index.split(split)
@@ -197,12 +203,17 @@ class NuScenesDataset(Dataset):
 
     def _points(self, s: dict, bev_aug: np.ndarray) -> np.ndarray:
         """Keyframe points plus ``sweeps`` previous sweeps, in the (augmented) ego frame, with the
-        time lag to the keyframe (seconds) in the last channel."""
+        time lag to the keyframe (seconds) in the last channel. Sweep points within
+        ``sweep_min_distance`` of their sensor in x and y (its own frame) are dropped, as mmdet3d's
+        ``LoadPointsFromMultiSweeps(remove_close=True)`` drops them; the keyframe keeps all its points."""
         chunks = []
         sources = [(s["lidar"]["filename"], s["lidar"]["ego_from_lidar"], s["lidar"]["timestamp"])]
         sources += [(w["filename"], w["ego_from_sweep"], w["timestamp"]) for w in s["sweeps"][: self.cfg.sweeps]]
-        for fname, ego_from_sensor, ts in sources:
+        r = self.cfg.sweep_min_distance
+        for k, (fname, ego_from_sensor, ts) in enumerate(sources):
             pts = read_points(self.root / fname)
+            if k and r > 0:
+                pts = pts[~((np.abs(pts[:, 0]) < r) & (np.abs(pts[:, 1]) < r))]
             m = bev_aug @ np.array(ego_from_sensor)
             xyz = pts[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3]
             dt = np.full((len(pts), 1), (s["lidar"]["timestamp"] - ts) * 1e-6)

@@ -43,11 +43,19 @@ class MapLayers:
         def line(token):
             return LineString([nodes[t] for t in lines[token]["node_tokens"]])
 
+        def valid(polygons: list) -> list:
+            # As the devkit's map API reads its layers: an invalid (self-intersecting) polygon is left
+            # out; real map expansions hold a few, and the union and clipping below would fail on them.
+            kept = [p for p in polygons if p.is_valid]
+            self.invalid_polygons += len(polygons) - len(kept)
+            return kept
+
+        self.invalid_polygons = 0
         dividers = [line(r["line_token"]) for r in m.get("road_divider", []) + m.get("lane_divider", [])]
         crossings = [polygon(r["polygon_token"]).exterior for r in m.get("ped_crossing", [])]
-        road = unary_union([polygon(r["polygon_token"]) for r in m.get("road_segment", []) + m.get("lane", [])])
+        road = unary_union(valid([polygon(r["polygon_token"]) for r in m.get("road_segment", []) + m.get("lane", [])]))
         boundary = _outlines(road)
-        drivable = [polygon(t) for r in m.get("drivable_area", []) for t in r["polygon_tokens"]]
+        drivable = valid([polygon(t) for r in m.get("drivable_area", []) for t in r["polygon_tokens"]])
         self.geoms = {
             "divider": [g for g in dividers if not g.is_empty],
             "ped_crossing": [LineString(g.coords) for g in crossings],
@@ -110,9 +118,17 @@ def rasterise(layers: MapLayers, ego_from_global: np.ndarray, grid: BEVGrid, lin
             if name == "drivable":
                 for p in ([geom] if geom.geom_type == "Polygon" else
                           [x for x in getattr(geom, "geoms", []) if x.geom_type == "Polygon"]):
-                    draw.polygon(to_px(p.exterior.coords), fill=1)
+                    if not p.interiors:
+                        draw.polygon(to_px(p.exterior.coords), fill=1)
+                        continue
+                    # A polygon with holes on its own canvas, then added: its holes must not erase
+                    # another drivable polygon drawn before it.
+                    own = Image.new("L", (grid.nx, grid.ny), 0)
+                    own_draw = ImageDraw.Draw(own)
+                    own_draw.polygon(to_px(p.exterior.coords), fill=255)  # a mask: 255 is opaque
                     for h in p.interiors:
-                        draw.polygon(to_px(h.coords), fill=0)
+                        own_draw.polygon(to_px(h.coords), fill=0)
+                    img.paste(1, mask=own)
             else:
                 for ln in ([geom] if geom.geom_type == "LineString" else
                            [x for x in getattr(geom, "geoms", []) if x.geom_type == "LineString"]

@@ -212,23 +212,26 @@ CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BA
 
 
 def dataset_identity(root, version: str) -> str:
-    """A fingerprint of a version's tables (size, modification time, first and last 64 KiB of
-    each): an index built from other tables is never used."""
+    """A fingerprint of a version's tables: the SHA-256 of each table's whole content (with its name
+    and size). Any edit of a table, wherever it falls and whatever the file's times say, gives
+    another identity, so an index (or a feature cache) made from other tables is never used; a
+    copy of the dataset keeps its identity. Costs one read of the tables (about 8 ms for the 12 MB
+    of the synthetic mini, a few seconds for v1.0-trainval), far less than parsing them."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(version.encode())
+    h.update(f"{version}:sha256".encode())
     for name in TABLES:
         path = Path(root) / version / f"{name}.json"
         h.update(name.encode())
         if not path.is_file():
             h.update(b"<missing>")
             continue
-        st = path.stat()
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        digest = hashlib.sha256()
+        size = 0
         with open(path, "rb") as f:
-            h.update(f.read(1 << 16))
-            if st.st_size > 1 << 16:
-                f.seek(max(st.st_size - (1 << 16), 1 << 16))
-                h.update(f.read())
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+        h.update(f"{size}:{digest.hexdigest()}".encode())
     return h.hexdigest()
 
 

@@ -40,6 +40,7 @@ def data_config(cfg: ExperimentConfig, train: bool) -> DataConfig:
     d, m = cfg.data, cfg.model
     cameras = tuple(d.cameras) if m.view_transform is not None else ()  # a LiDAR-only model reads no image
     kw = dict(cameras=cameras, image_size=tuple(d.image_size), sweeps=d.sweeps,
+              sweep_min_distance=d.sweep_min_distance,
               load_points=m.lidar is not None or (m.view_transform is not None
                                                   and (m.view_transform.depth_loss_weight > 0
                                                        or m.view_transform.type == "lss_depth")),
@@ -85,13 +86,16 @@ class HistoryDataset(Dataset):
         if self.history == 0:
             return item
         frames, transforms = [], []
-        j = i
+        j, before_start = i, False
         aug = item["bev_aug"].double().numpy()
         curr = item["global_from_ego"].numpy()
         for _ in range(self.history):
-            prev = self.base.samples[j]["prev"]
+            # Past the scene's first keyframe (or a sample missing from the split) every slot is the
+            # current frame, as BEVDet's get_adj_info fills them.
+            prev = None if before_start else self.base.samples[j]["prev"]
             k = self.base.position(prev) if prev else None
-            j = j if k is None else k
+            before_start = k is None
+            j = i if before_start else k
             # A stand-in copy of the current frame carries the same keys as a loaded frame (no "filler"),
             # so that history frames of scene starts and of later samples collate together.
             h = {key: v for key, v in item.items() if key != "filler"} if j == i else self.base.load(j, aug_key=i)
