@@ -36,7 +36,7 @@ def test_serves_features_with_the_samples_annotations(tiny_model, reference_cach
      ("BEV grid differs from the config's (cache vs config): grid.shape: [64, 64] vs [32, 64]; "
       "grid.ybound: [-25.6, 25.6, 0.8] vs [-12.8, 12.8, 0.8]")),
     (["model.bev_encoder.out_channels=32"], "differs at (cache vs config) model.bev_encoder.out_channels: 16 vs 32"),
-    (["data.sweeps=3"], "differs at (cache vs config) inputs.sweeps: 0 vs 3"),
+    (["data.sweeps=3"], "differs at (cache vs config) inputs.sweep_min_distance: null vs 1.0; inputs.sweeps: 0 vs 3"),
 ])
 def test_refuses_a_cache_written_for_another_config(tiny_model, reference_cache, overrides, needle):
     cfg_path, _ = tiny_model
@@ -110,5 +110,10 @@ def test_features_read_against_a_dataset_are_checked_against_it(tiny_model, refe
     splits = json.loads((moved / "v1.0-mini" / "splits.json").read_text())
     splits[SPLIT] = [n for k, v in splits.items() if k != SPLIT for n in v][:1]
     (moved / "v1.0-mini" / "splits.json").write_text(json.dumps(splits))
-    with pytest.raises(CacheError, match=f"is not at index 0 of split '{SPLIT}' in {moved}"):
+    with pytest.raises(CacheError, match=f"split '{SPLIT}' of {moved} is not the one cached"):
+        CachedFeatures(out, cfg, annotations=False, index=NuScenesIndex.load(moved))
+    # A split that grew (another scene added): its new samples would be silently left out.
+    splits[SPLIT] = json.loads((tiny_root / "v1.0-mini" / "splits.json").read_text())[SPLIT] + splits[SPLIT]
+    (moved / "v1.0-mini" / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(CacheError, match="12 samples now, 6 when the cache was written"):
         CachedFeatures(out, cfg, annotations=False, index=NuScenesIndex.load(moved))

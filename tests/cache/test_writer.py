@@ -251,3 +251,42 @@ def test_features_that_overflow_float16_are_failed_with_a_hint(tiny_model, tmp_p
     full = write_cache(load_experiment(cfg_path), ckpt, tmp_path / "full", split=SPLIT, dtype="float32",
                        progress=False)
     assert not full.failed and full.written == 6
+
+
+def test_a_verified_entry_stays_when_its_reload_fails_in_a_resumed_batch(tiny_model, reference_cache, tmp_path,
+                                                                         monkeypatch):
+    from bevkit.data.dataset import NuScenesDataset
+
+    cfg_path, ckpt = tiny_model
+    ref, _ = reference_cache
+    out = tmp_path / "cache"
+    shutil.copytree(ref, out)
+    first = sorted((out / "entries").iterdir())
+    m = load_manifest(out)
+    by_index = {r["index"]: out / r["file"] for r in m["entries"]}
+    by_index[0].write_bytes(by_index[0].read_bytes()[:-4] + b"oops")  # entry 0 damaged: its batch [0, 1] reruns
+    load = NuScenesDataset.load
+
+    def flaky(self, i, *args, **kwargs):
+        if i == 1:  # sample 1's entry is fine, but reloading it now fails
+            raise OSError("transient read error")
+        return load(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(NuScenesDataset, "load", flaky)
+    report = write_cache(load_experiment(cfg_path), ckpt, out, split=SPLIT, progress=False)
+    assert report.failed == [] and report.written == 1
+    assert [r["index"] for r in load_manifest(out)["entries"]] == list(range(6)) and not load_manifest(out)["failed"]
+    assert sorted((out / "entries").iterdir()) == first and verify(out).ok
+
+
+def test_the_manifest_says_which_weights_were_cached(tiny_model, reference_cache, tmp_path):
+    cfg_path, ckpt = tiny_model
+    ref, _ = reference_cache
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert "ema" in saved and load_manifest(ref)["checkpoint"]["weights"] == "ema"
+    saved.pop("ema")  # a run without EMA: its raw weights are cached, and the manifest says so
+    plain = tmp_path / "plain.ckpt"
+    torch.save(saved, plain)
+    out = tmp_path / "cache"
+    write_cache(load_experiment(cfg_path), plain, out, split=SPLIT, progress=False)
+    assert load_manifest(out)["checkpoint"]["weights"] == "raw"

@@ -1,4 +1,4 @@
-"""Map expansion edge cases: invalid polygons are left out as the devkit leaves them; holes erase only their own polygon."""
+"""Map expansion edge cases: invalid polygons left out as the devkit leaves them; holes erase only their polygon."""
 
 import json
 

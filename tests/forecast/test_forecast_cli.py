@@ -155,3 +155,26 @@ def test_forecast_train_refuses_bad_numbers_in_one_line(caches, tmp_path, capsys
     assert rc == 2
     assert capsys.readouterr().err == f"bevkit: error: {needle}\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_forecast_refuses_features_of_another_model_or_dtype(caches, tmp_path, capsys, monkeypatch):
+    from bevkit.cache import write_cache
+    from bevkit.config import load_experiment
+
+    cfg_path, folder = caches
+    monkeypatch.setenv("BEVKIT_CACHE", str(folder / "index"))
+    other = tmp_path / "mini_val-float32"
+    write_cache(load_experiment(cfg_path), folder / "run" / "checkpoints" / "last.ckpt", other, split="mini_val",
+                dtype="float32", shard=(0, 1), progress=False)
+    common = ["--history", "2", "--future", "3", "--epochs", "1", "--modes", "3"]
+    rc = main(["forecast", "train", str(cfg_path), "--train-cache", str(folder / "mini_train"), "--val-cache",
+               str(other), *common, "--out", str(tmp_path / "mixed")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "features come from another model or storage" in err and "dtype" in err
+    assert main(["forecast", "train", str(cfg_path), "--train-cache", str(folder / "mini_train"), "--val-cache",
+                 str(folder / "mini_val"), *common, "--out", str(tmp_path / "ok")]) == 0
+    raw = torch.load(tmp_path / "ok" / "forecaster.pt", weights_only=True)
+    assert raw["trained_on"]["dtype"] == "float16"
+    capsys.readouterr()
+    rc = main(["forecast", "eval", str(cfg_path), str(tmp_path / "ok" / "forecaster.pt"), "--cache", str(other)])
+    assert rc == 2 and "features come from another model or storage" in capsys.readouterr().err

@@ -90,7 +90,10 @@ def make_header(cfg: ExperimentConfig, ckpt_path, ckpt_sha256: str, ema: bool, d
             "config_hash": chash, "experiment_digest": cfg.digest(), "config": feature_config(cfg),
             "checkpoint": {"path": str(ckpt_path), "sha256": ckpt_sha256, "weights": weights},
             "grid": grid_record(cfg), "tensor": "features", "dtype": dtype, "shape": None,
-            "dataset": dict(dataset)}
+            "dataset": dict(dataset),
+            # A map-prior model's features are cached with an empty prior: the memory is state that
+            # evaluation fills in time order, which a sharded, resumable cache does not reproduce.
+            **({"map_prior": "empty"} if cfg.model.map_prior is not None else {})}
 
 
 def _get(d: dict, dotted: str):

@@ -14,6 +14,7 @@ from bevkit.cache.manifest import (
     feature_config,
     grid_record,
     load_manifest,
+    tokens_sha256,
     value_differences,
 )
 from bevkit.config import ExperimentConfig
@@ -55,7 +56,11 @@ def check_dataset(manifest: dict, index: NuScenesIndex, where) -> None:
         raise CacheError(f"{where}: written from another dataset ({d['version']} at {d['root']}, identity "
                          f"{d['identity']}) than {index.root} ({index.version}, identity {index.identity}): "
                          f"its tables differ")
-    position = {s["token"]: i for i, s in enumerate(index.split(d["split"]))}
+    samples = index.split(d["split"])
+    if len(samples) != d["samples"] or tokens_sha256([s["token"] for s in samples]) != d["tokens_sha256"]:
+        raise CacheError(f"{where}: split {d['split']!r} of {index.root} is not the one cached: {len(samples)} "
+                         f"samples now, {d['samples']} when the cache was written (splits.json changed?)")
+    position = {s["token"]: i for i, s in enumerate(samples)}
     for rec in manifest["entries"]:
         if position.get(rec["token"]) != rec["index"]:
             raise CacheError(f"{where}: sample {rec['token']} is not at index {rec['index']} of split "

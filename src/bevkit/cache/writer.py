@@ -198,7 +198,7 @@ def write_cache(cfg: ExperimentConfig, ckpt_path, out, split: str | None = None,
     index = dm.index
     dataset = {"root": str(Path(index.root).resolve()), "version": index.version, "identity": index.identity,
                "split": split, "samples": len(tokens), "tokens_sha256": tokens_sha256(tokens)}
-    header = make_header(cfg, ckpt_path, file_sha256(ckpt_path), ema, dtype, dataset)
+    header = make_header(cfg, ckpt_path, file_sha256(ckpt_path), model.loaded_weights == "ema", dtype, dataset)
     found = existing_identity(out) if out.is_dir() else None
     if found is not None:
         diff = identity_differences(found[1], header)
@@ -240,6 +240,7 @@ def write_cache(cfg: ExperimentConfig, ckpt_path, out, split: str | None = None,
         loader = DataLoader(_Guarded(ds, tokens), batch_sampler=todo, num_workers=nworkers, collate_fn=_collate,
                             pin_memory=dev.type == "cuda")
         for batch, bad in loader:
+            bad = [it for it in bad if it["index"] not in records]  # a verified entry stays, whatever its reload did
             for it in bad:
                 failed[it["index"]] = {"index": it["index"], "token": it["token"], "reason": it["error"]}
             done = len(bad)

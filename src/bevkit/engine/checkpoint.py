@@ -65,7 +65,8 @@ def build_experiment_model(cfg: ExperimentConfig, load_checkpoint: bool = True) 
 
 
 def load_model(path, ema: bool = True) -> tuple[ExperimentConfig, BEVModel]:
-    """Rebuild the model from a checkpoint alone (config and weights), in eval mode on the CPU."""
+    """Rebuild the model from a checkpoint alone (config and weights), in eval mode on the CPU; its
+    ``loaded_weights`` says which weights were loaded ("ema" only when asked for and present)."""
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(path, ckpt)
     model = build_experiment_model(cfg, load_checkpoint=False)
@@ -74,6 +75,7 @@ def load_model(path, ema: bool = True) -> tuple[ExperimentConfig, BEVModel]:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes: "
                               f"{str(e).splitlines()[0]}") from None
+    model.loaded_weights = "ema" if ema and "ema" in ckpt else "raw"  # what was loaded, for the record
     return cfg, model.eval()
 
 

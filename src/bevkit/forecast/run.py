@@ -33,6 +33,12 @@ class CachedFeatureMap(Mapping):
 
         self.index = index or NuScenesIndex.load(cfg.data.root, cfg.data.version)
         self.cached = CachedFeatures(cache_dir, cfg, annotations=False, index=self.index)
+        if not self.cached.entries:
+            from bevkit.cache.manifest import CacheError
+
+            failed = len(self.cached.manifest.get("failed", []))
+            raise CacheError(f"{cache_dir}: the cache holds no feature map ({failed} samples failed when it was "
+                             "written; `bevkit cache verify` lists them)")
         self.split = self.cached.manifest["dataset"]["split"]
         self.pos = {rec["token"]: k for k, rec in enumerate(self.cached.entries)}
 
@@ -60,6 +66,21 @@ def _dataset(cfg: ExperimentConfig, features: Mapping | None, split: str, histor
     return ForecastDataset(tracks, features)
 
 
+def feature_source(cached) -> dict:
+    """What produced a cache's features: the checkpoint's sha256, the storage dtype and the config hash."""
+    m = cached.manifest
+    return {"checkpoint_sha256": m["checkpoint"]["sha256"], "dtype": m["dtype"], "config_hash": m["config_hash"]}
+
+
+def _same_source(a: dict, b: dict, what: str) -> None:
+    from bevkit.cache.manifest import CacheError
+
+    diff = [f"{k} {str(a[k])[:12]} vs {str(b[k])[:12]}" for k in ("checkpoint_sha256", "dtype", "config_hash")
+            if a.get(k) != b.get(k)]
+    if diff:
+        raise CacheError(f"{what}: the features come from another model or storage ({'; '.join(diff)})")
+
+
 def grid_bounds(cfg: ExperimentConfig) -> tuple[float, float, float, float]:
     (x0, x1, _), (y0, y1, _) = cfg.model.grid.xbound, cfg.model.grid.ybound
     return (x0, x1, y0, y1)
@@ -75,12 +96,16 @@ def forecast_train(cfg: ExperimentConfig, train_cache, val_cache, out, history_o
     a split without an agent with ``future`` keyframes ahead is a ``DataError``."""
     feats_train = CachedFeatureMap(train_cache, cfg)
     feats_val = CachedFeatureMap(val_cache, cfg, feats_train.index)
+    if not history_only:  # one model's features to learn from and to be scored on
+        _same_source(feature_source(feats_train.cached), feature_source(feats_val.cached),
+                     f"--train-cache {train_cache} and --val-cache {val_cache}")
     train_ds = _dataset(cfg, None if history_only else feats_train, feats_train.split, history, future,
                         feats_train.index)
     val_ds = _dataset(cfg, None if history_only else feats_val, feats_val.split, history, future, feats_val.index)
     channels = 0 if history_only else int(feats_train.cached.shape[0])
     torch.manual_seed(seed)
     model = Forecaster(modes=modes, bev_channels=channels, bounds=grid_bounds(cfg), history=history, future=future)
+    model.trained_on = None if history_only else feature_source(feats_train.cached)
     info = {"train_agents": len(train_ds.tracks), "val_agents": len(val_ds.tracks),
             "variant": "history-only" if history_only else "bev"}
     return train_forecaster(model, train_ds, val_ds, epochs, out, lr=lr, batch_size=batch_size, seed=seed,
@@ -98,6 +123,8 @@ def forecast_eval(cfg: ExperimentConfig, forecaster_path, cache, batch_size: int
         if model.bev_channels != channels or tuple(float(b) for b in model.bounds) != bounds:
             raise CheckpointError(f"{forecaster_path}: trained on {model.bev_channels}-channel features over grid "
                                   f"bounds {model.bounds}, but the cache holds {channels} channels over {bounds}")
+        if model.trained_on:  # forecasters saved before this was recorded are not checked
+            _same_source(model.trained_on, feature_source(feats.cached), f"{forecaster_path} and --cache {cache}")
     ds = _dataset(cfg, feats if model.bev_channels else None, feats.split, model.history_len, model.future,
                   feats.index)
     return evaluate_forecaster(model, DataLoader(ds, batch_size=batch_size, collate_fn=collate_forecast), progress)

@@ -185,7 +185,10 @@ def save_forecaster(model: Forecaster, path) -> None:
     """Weights and config in one file, written atomically; loads with ``weights_only=True``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"schema": FORECAST_SCHEMA, "config": forecaster_config(model), "state_dict": model.state_dict()}, tmp)
+    doc = {"schema": FORECAST_SCHEMA, "config": forecaster_config(model), "state_dict": model.state_dict()}
+    if getattr(model, "trained_on", None):  # the features it learnt from: checkpoint, dtype, config hash
+        doc["trained_on"] = dict(model.trained_on)
+    torch.save(doc, tmp)
     os.replace(tmp, path)
 
 
@@ -205,6 +208,7 @@ def load_forecaster(path) -> Forecaster:
             with torch.no_grad():  # materialise the lazy layer before loading
                 model.patch(torch.zeros(1, model.bev_channels, *model.cells))
         model.load_state_dict(ckpt["state_dict"])
+        model.trained_on = dict(ckpt["trained_on"]) if "trained_on" in ckpt else None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: forecaster config or weights do not fit this bevkit: {first}") from None
