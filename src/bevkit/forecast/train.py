@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from bevkit.atomic import write_text_atomic
+from bevkit.atomic import interrupts_deferred, write_text_atomic
 from bevkit.forecast.model import Forecaster, displacement_metrics
 from bevkit.forecast.tracks import AgentTracks, turning
 
@@ -188,8 +188,9 @@ def save_forecaster(model: Forecaster, path) -> None:
     doc = {"schema": FORECAST_SCHEMA, "config": forecaster_config(model), "state_dict": model.state_dict()}
     if getattr(model, "trained_on", None):  # the features it learnt from: checkpoint, dtype, config hash
         doc["trained_on"] = dict(model.trained_on)
-    torch.save(doc, tmp)
-    os.replace(tmp, path)
+    with interrupts_deferred():  # see bevkit.atomic.interrupts_deferred
+        torch.save(doc, tmp)
+        os.replace(tmp, path)
 
 
 def load_forecaster(path) -> Forecaster:
