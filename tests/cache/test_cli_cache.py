@@ -37,3 +37,18 @@ def test_merge_names_what_is_missing(tiny_model, tmp_path, capsys):
     assert "4 of 6 samples not cached yet" in err and "shard manifests present: 1/2" in err
     assert main(["cache", "verify", str(out), "--no-progress"]) == 0
     assert "unfinished" in capsys.readouterr().out
+
+
+def test_a_damaged_manifest_is_one_line(reference_cache, tmp_path, capsys):
+    import json
+    import shutil
+
+    ref, _ = reference_cache
+    out = tmp_path / "c"
+    shutil.copytree(ref, out)
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["entries"][2]["sha256"]
+    (out / "manifest.json").write_text(json.dumps(doc))
+    assert main(["cache", "verify", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged manifest, entries[2] has no sha256" in err, err

@@ -137,7 +137,27 @@ def read_json(path: Path) -> dict:
         raise CacheError(f"{path}: not a bevkit BEV feature cache manifest")
     if doc.get("schema") != SCHEMA:
         raise CacheError(f"{path}: manifest schema {doc.get('schema')}, this bevkit reads schema {SCHEMA}")
+    _check_fields(doc, path)
     return doc
+
+
+_RECORD_FIELDS = {"entries": ("index", "token", "file", "bytes", "sha256"), "failed": ("index", "token", "reason")}
+
+
+def _check_fields(doc: dict, path: Path) -> None:
+    """A damaged manifest (a field or a record's field missing) is a ``CacheError`` naming what is missing."""
+    for key in ("cache_id", "config_hash", "checkpoint", "dtype", "dataset", "entries", "failed"):
+        if key not in doc:
+            raise CacheError(f"{path}: damaged manifest, no {key!r}")
+    if not isinstance(doc["dataset"], dict) or not isinstance(doc["checkpoint"], dict):
+        raise CacheError(f"{path}: damaged manifest, 'dataset' and 'checkpoint' must be objects")
+    for key, fields in _RECORD_FIELDS.items():
+        if not isinstance(doc[key], list):
+            raise CacheError(f"{path}: damaged manifest, {key!r} must be a list")
+        for k, rec in enumerate(doc[key]):
+            missing = [f for f in fields if not isinstance(rec, dict) or f not in rec]
+            if missing:
+                raise CacheError(f"{path}: damaged manifest, {key}[{k}] has no {', '.join(missing)}")
 
 
 def shard_manifests(out: Path) -> list[tuple[Path, dict]]:
