@@ -26,7 +26,8 @@ def write_text_atomic(path, text: str) -> None:
 
 @contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``.
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was installed
+    (Python's default raises ``KeyboardInterrupt``).
 
     For ``torch.save`` to a file: its zip writer is C++ calling the file's ``write``, and an interrupt
     raised inside that call unwinds through it, closes the file, and the writer's cleanup then writes
@@ -43,4 +44,7 @@ def interrupts_deferred():
     finally:
         signal.signal(signal.SIGINT, previous)
     if pending:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt

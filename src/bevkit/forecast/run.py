@@ -75,7 +75,7 @@ def feature_source(cached) -> dict:
 def _same_source(a: dict, b: dict, what: str) -> None:
     from bevkit.cache.manifest import CacheError
 
-    diff = [f"{k} {str(a[k])[:12]} vs {str(b[k])[:12]}" for k in ("checkpoint_sha256", "dtype", "config_hash")
+    diff = [f"{k} {str(a.get(k))[:12]} vs {str(b.get(k))[:12]}" for k in ("checkpoint_sha256", "dtype", "config_hash")
             if a.get(k) != b.get(k)]
     if diff:
         raise CacheError(f"{what}: the features come from another model or storage ({'; '.join(diff)})")
