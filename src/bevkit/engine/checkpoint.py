@@ -101,6 +101,23 @@ def init_weights(model: BEVModel, path) -> list[str]:
     return sorted(k for k in own if k not in state)
 
 
+def checked_state(cfg: ExperimentConfig, path) -> dict:
+    """The weights (EMA if present) of a checkpoint that ``cfg`` describes: refused with a
+    ``CheckpointError`` / ``ConfigError`` naming what differs when it is another model's."""
+    ckpt = read_checkpoint(path)
+    check_same_model(cfg, checkpoint_config(path, ckpt), path)
+    return model_state(ckpt, ema=True)
+
+
+def load_state(model: BEVModel, state: dict, path) -> BEVModel:
+    """``model.load_state_dict(state)``, a mismatch reported as a one-line ``CheckpointError`` naming ``path``."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    return model
+
+
 # Head settings used only when decoding predictions: they may differ from the checkpoint's (tuned at
 # evaluation time) since no weight depends on them.
 DECODE_ONLY = frozenset({"nms_radii", "score_threshold", "max_boxes", "max_per_task", "threshold"})

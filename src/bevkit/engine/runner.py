@@ -37,10 +37,10 @@ from bevkit.data.nuscenes import DataError
 from bevkit.engine.checkpoint import (
     CheckpointError,
     check_same_model,
+    checked_state,
     checkpoint_config,
     init_weights,
-    model_state,
-    read_checkpoint,
+    load_state,
 )
 from bevkit.engine.data import BEVDataModule
 from bevkit.engine.module import BEVLitModule
@@ -214,13 +214,9 @@ def _load_for_eval(cfg: ExperimentConfig, ckpt_path, split: str, collect: bool) 
     if ckpt_path is None:  # the untrained model, initialised with the config's seed (a baseline)
         L.seed_everything(cfg.train.seed, verbose=False)
         return BEVLitModule(cfg, eval_split=split, collect_results=collect)
-    ckpt = read_checkpoint(ckpt_path)
-    check_same_model(cfg, checkpoint_config(ckpt_path, ckpt), ckpt_path)
+    state = checked_state(cfg, ckpt_path)
     module = BEVLitModule(cfg, eval_split=split, collect_results=collect)
-    try:
-        module.model.load_state_dict(model_state(ckpt, ema=True))
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt_path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    load_state(module.model, state, ckpt_path)
     return module
 
 

@@ -366,22 +366,10 @@ def require_exporter(opset: int | None = None) -> None:
 def load_trained(cfg: ExperimentConfig, ckpt_path) -> BEVModel:
     """The model of ``cfg`` with a checkpoint's weights (its EMA if it has one), in eval mode on the CPU;
     a checkpoint of another model is refused, as ``bevkit eval`` refuses it."""
-    from bevkit.engine.checkpoint import (
-        CheckpointError,
-        build_experiment_model,
-        check_same_model,
-        checkpoint_config,
-        model_state,
-        read_checkpoint,
-    )
+    from bevkit.engine.checkpoint import build_experiment_model, checked_state, load_state
 
-    ckpt = read_checkpoint(ckpt_path)
-    check_same_model(cfg, checkpoint_config(ckpt_path, ckpt), ckpt_path)
-    model = build_experiment_model(cfg, load_checkpoint=False)
-    try:
-        model.load_state_dict(model_state(ckpt, ema=True))
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt_path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+    state = checked_state(cfg, ckpt_path)
+    model = load_state(build_experiment_model(cfg, load_checkpoint=False), state, ckpt_path)
     return model.eval()
 
 
