@@ -18,6 +18,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread during the test (what the engine, cache and export tests run under)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """The ``tiny`` preset (two v1.0-mini scenes of six keyframes), written once per run."""
