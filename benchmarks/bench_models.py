@@ -125,7 +125,7 @@ def child_params(exp) -> dict:
     from bevkit.models import build_model
 
     with torch.device("meta"):
-        model = build_model(exp.model, load_checkpoint=False)
+        model = build_model(exp.model, load_checkpoint=False, num_cameras=len(exp.data.cameras))
     out = {}
     for name in COMPONENTS:
         mod = getattr(model, name)
@@ -176,7 +176,7 @@ def child_flops(exp, points: int, data_points: list | None = None) -> dict:
     from bevkit.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(exp.model, load_checkpoint=False).eval()
+    model = build_model(exp.model, load_checkpoint=False, num_cameras=len(exp.data.cameras)).eval()
     batch = rig_batch(exp, points)
     if data_points is not None:
         batch["points"] = data_points
@@ -230,7 +230,7 @@ def child_train_memory(exp, precision: str, root: str, split: str, index: int) -
     from bevkit.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(exp.model, load_checkpoint=False).train()
+    model = build_model(exp.model, load_checkpoint=False, num_cameras=len(exp.data.cameras)).train()
     batch = dataset_batch(exp, root, split, index)
     gc.collect()
     before = reset_peak()

@@ -170,7 +170,7 @@ class EvalSection(_Frozen):
 # Model keys added after the first release (dotted paths); absent (None) they leave
 # ``ExperimentConfig.digest`` unchanged.
 OPTIONAL_SINCE_V1 = ("map_prior", "view_transform.depth_net", "heads.detr", "backbone.img_size", "lidar.voxel_size",
-                     "lidar.base_channels", "lidar.zbound", "view_transform.downsample")
+                     "lidar.base_channels", "lidar.zbound", "view_transform.downsample", "view_transform.num_cameras")
 
 
 class ExperimentConfig(_Frozen):
@@ -181,6 +181,15 @@ class ExperimentConfig(_Frozen):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     out: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _cameras_match(self):
+        vt = self.model.view_transform
+        if vt is not None and vt.type == "deform" and vt.num_cameras not in (None, len(self.data.cameras)):
+            raise ValueError(f"model.view_transform.num_cameras is {vt.num_cameras} but data.cameras lists "
+                             f"{len(self.data.cameras)}; BEVFormer learns one embedding per camera (leave "
+                             f"num_cameras unset to take the number of data.cameras)")
+        return self
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples as lists) that ``ExperimentConfig(**d)`` rebuilds."""

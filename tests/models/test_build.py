@@ -138,7 +138,7 @@ def test_temporal_state_is_passed_in_and_out():
 def test_bevformer_reads_the_previous_bev_aligned_by_ego_motion():
     cfg = load_config(CONFIGS / "bevformer-synth.yaml")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=1)
     batch = make_batch(cfg, n_cams=1, batch=2)
     before = dict(vars(model))
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_bevformer_queries_look_where_the_augmented_cell_is():
     from bevkit.models.bevformer import SpatialCrossAttention
 
     cfg = load_config(CONFIGS / "bevformer-synth.yaml")
-    model = build_model(cfg).eval()
+    model = build_model(cfg, num_cameras=2).eval()
     batch, mirror = _mirror_batch(cfg)
     seen = []
     sca = next(m for m in model.modules() if isinstance(m, SpatialCrossAttention))
@@ -227,7 +227,7 @@ def test_bevformer_aligns_the_previous_bev_by_the_motion_it_is_given():
     from bevkit.models.bevformer import TemporalSelfAttention
 
     cfg = load_config(CONFIGS / "bevformer-synth.yaml")
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=1)
     batch = make_batch(cfg, n_cams=1, batch=1)
     seen = []
     tsa = next(m for m in model.modules() if isinstance(m, TemporalSelfAttention))
@@ -296,7 +296,7 @@ def test_bevformer_deform_attn_switch_gives_the_same_outputs_and_gradients():
     for impl in ("fast", "reference", "exportable"):
         vt = cfg.view_transform.model_copy(update={"deform_attn": impl})
         torch.manual_seed(0)
-        model = build_model(cfg.model_copy(update={"view_transform": vt}))
+        model = build_model(cfg.model_copy(update={"view_transform": vt}), num_cameras=2)
         with torch.no_grad():  # non-zero offsets and weights, so samples fall between cells
             for layer in model.view_transform.layers:
                 for attn in (layer.tsa, layer.sca):
@@ -323,3 +323,36 @@ def test_bevformer_deform_attn_switch_gives_the_same_outputs_and_gradients():
     bad = cfg.view_transform.model_copy(update={"deform_attn": "cuda"})
     with pytest.raises(ValueError, match="deform_attn"):
         build_model(cfg.model_copy(update={"view_transform": bad}))
+
+
+def test_bevformer_embeds_each_camera_and_loads_a_shared_embedding():
+    """One learned embedding per camera (BEVFormer's ``cams_embeds``). With distinct rows, swapping the
+    two cameras (images and calibrations together) changes the BEV; with equal rows the encoder cannot
+    tell them apart and the BEV is unchanged. A state dict with the older embedding shared by every
+    camera, (1, 1, C, 1, 1), loads as that embedding in each row. Another number of cameras is refused."""
+    from bevkit.config import ConfigError, experiment_from_dict
+
+    cfg = load_config(CONFIGS / "bevformer-synth.yaml")
+    torch.manual_seed(0)
+    model = build_model(cfg, num_cameras=2).eval()
+    vt = model.view_transform
+    assert vt.cam_embed.shape == (2, vt.channels)
+    batch = make_batch(cfg, n_cams=2, batch=1)
+    per_camera = ("images", "intrinsics", "img_aug", "ego_from_cam")
+    swapped = {**batch, **{k: batch[k].flip(1) for k in per_camera}}
+    with torch.no_grad():
+        vt.cam_embed.copy_(torch.randn(2, vt.channels))
+        plain, other = model(batch)["bev"], model(swapped)["bev"]
+        assert (plain - other).abs().max() > 1e-2 * plain.std()
+        shared = torch.randn(1, 1, vt.channels, 1, 1)
+        model.load_state_dict({**model.state_dict(), "view_transform.cam_embed": shared})
+        assert torch.equal(vt.cam_embed, shared.view(1, -1).expand(2, -1))
+        torch.testing.assert_close(model(swapped)["bev"], model(batch)["bev"], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="num_cameras"):
+            model(make_batch(cfg, n_cams=1, batch=1))
+    doc = {"model": {"view_transform": {"type": "deform", "num_cameras": 6}},
+           "data": {"cameras": ["CAM_FRONT", "CAM_BACK"]}}
+    with pytest.raises(ConfigError, match="num_cameras is 6 but data.cameras lists 2"):
+        experiment_from_dict(doc)
+    doc["model"]["view_transform"]["num_cameras"] = 2
+    assert experiment_from_dict(doc).model.view_transform.num_cameras == 2

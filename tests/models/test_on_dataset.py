@@ -21,7 +21,7 @@ def test_synth_preset_trains_and_decodes_on_dataset_samples(tiny_root, tmp_path,
     ds = NuScenesDataset(tiny_root, "mini_train", data_config(exp, train=False))
     batch = collate([ds[0], ds[1]])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=len(exp.data.cameras))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(3):

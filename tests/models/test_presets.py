@@ -39,7 +39,7 @@ def expected_shapes(cfg, b: int, n: int) -> dict:
 def test_forward_shapes_and_every_parameter_gets_a_gradient(preset):
     cfg = load_config(CONFIGS / preset)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=2)
     # timm's ResNets zero-initialise the last BN scale of each residual branch, which blocks the
     # gradient to that branch's convolutions at step 0; undo it so that an all-zero gradient below
     # can only mean a branch the loss does not reach.
@@ -88,7 +88,7 @@ def test_a_few_steps_on_two_samples_drive_the_loss_down(preset):
     # first value on two consecutive steps (the loop stops there, to keep the suite fast).
     cfg = load_config(CONFIGS / preset)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=1)
     batch = make_batch(cfg, n_cams=1, batch=2)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -125,7 +125,7 @@ def test_a_training_step_under_bf16_autocast(preset):
     # batch carries a BEV augmentation, composed with the camera poses in float32.
     cfg = load_config(CONFIGS / preset)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, num_cameras=2)
     batch = make_batch(cfg, n_cams=2, batch=2)
     batch["bev_aug"] = torch.diag(torch.tensor([1.02, -1.02, 1.02, 1.0])).expand(2, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

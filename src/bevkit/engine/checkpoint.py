@@ -59,7 +59,7 @@ def build_experiment_model(cfg: ExperimentConfig, load_checkpoint: bool = True) 
     divide the BEV cell, an unknown variant name, a missing backbone checkpoint...) reported as a
     ``ConfigError`` naming the model, so the CLI prints one line instead of a traceback."""
     try:
-        return build_model(cfg.model, load_checkpoint=load_checkpoint)
+        return build_model(cfg.model, load_checkpoint=load_checkpoint, num_cameras=len(cfg.data.cameras))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"model {cfg.model.name!r}: {e}") from None
 
@@ -93,11 +93,14 @@ def init_weights(model: BEVModel, path) -> list[str]:
                               f"(e.g. {', '.join(unknown[:3])}); init_from needs the same architecture plus "
                               f"optional new modules")
     misfit = sorted(k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape))
-    if misfit:
+    try:  # a module may upgrade an older layout of its tensors while loading (BEVFormer's camera embedding)
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        if not misfit:
+            raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
         k = misfit[0]
         raise CheckpointError(f"{path}: {len(misfit)} tensors differ in shape from this model's "
-                              f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-    model.load_state_dict(state, strict=False)
+                              f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})") from None
     return sorted(k for k in own if k not in state)
 
 

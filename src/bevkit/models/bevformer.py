@@ -140,11 +140,16 @@ class BEVFormerEncoder(nn.Module):
     ``impl`` is the deformable attention both attentions run: ``ops.deform_attn`` (the default, the
     sparse fast path) or a function of the same signature such as ``ops.deform_attn_reference``
     (chosen by name with ``view_transform.deform_attn``; same results, different memory and speed).
+
+    Each camera's features get a learned embedding of their own (``cam_embed``, one row per camera
+    in input order, as BEVFormer's ``cams_embeds``), so the values the spatial cross-attention
+    reads tell the cameras apart. A state dict from before, with one embedding shared by every camera
+    (``(1, 1, C, 1, 1)``), loads as that embedding in every row: the same function.
     """
 
     def __init__(self, in_channels: int, channels: int, grid: GridConfig, stride: int, layers: int = 3,
                  heads: int = 8, num_z: int = 4, points_per_z: int = 2, tsa_points: int = 4, ffn: int = 512,
-                 impl=deform_attn):
+                 impl=deform_attn, num_cameras: int = 6):
         super().__init__()
         ny, nx = grid.shape
         self.grid, self.stride, self.channels, self.num_z = grid, stride, channels, num_z
@@ -152,9 +157,17 @@ class BEVFormerEncoder(nn.Module):
         self.queries = nn.Parameter(torch.randn(ny * nx, channels) * 0.02)
         self.row_embed = nn.Parameter(torch.randn(ny, channels // 2) * 0.02)
         self.col_embed = nn.Parameter(torch.randn(nx, channels - channels // 2) * 0.02)
-        self.cam_embed = nn.Parameter(torch.zeros(1, 1, channels, 1, 1))
+        self.cam_embed = nn.Parameter(torch.randn(num_cameras, channels) * 0.02)  # (N, C)
         self.layers = nn.ModuleList(BEVFormerLayer(channels, heads, num_z, points_per_z, tsa_points, ffn, impl)
                                     for _ in range(layers))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "cam_embed"
+        old = state_dict.get(key)
+        if old is not None and old.dim() == 5 and old.shape[:2] == (1, 1) and old.shape[3:] == (1, 1):
+            # one embedding shared by all cameras (before per-camera embeddings): the same in every row
+            state_dict[key] = old.view(1, -1).expand_as(self.cam_embed).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def pillar_points(self, like: Tensor) -> Tensor:
         """Ego-frame reference points: ``num_z`` heights per cell, evenly inside the z range.
@@ -184,7 +197,12 @@ class BEVFormerEncoder(nn.Module):
         """
         b, n, _, hf, wf = feats.shape
         ny, nx = self.grid.shape
-        x = self.input_proj(feats.flatten(0, 1)).view(b, n, self.channels, hf, wf) + self.cam_embed
+        if n != self.cam_embed.shape[0]:
+            raise ValueError(f"BEVFormer encoder: built with embeddings for {self.cam_embed.shape[0]} cameras, got "
+                             f"{n} (model.view_transform.num_cameras, or build_model's num_cameras, must equal the "
+                             f"number of data.cameras)")
+        x = self.input_proj(feats.flatten(0, 1)).view(b, n, self.channels, hf, wf)
+        x = x + self.cam_embed.view(1, n, self.channels, 1, 1)
         pos = torch.cat([self.row_embed.view(ny, 1, -1).expand(ny, nx, -1),
                          self.col_embed.view(1, nx, -1).expand(ny, nx, -1)], dim=-1).view(ny * nx, -1)
         q = (self.queries + pos).unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from bevkit.data.nuscenes import CAMERAS
 from bevkit.models.backbones import TimmBackbone
 from bevkit.models.bev_encoders import NoBEVEncoder, ResNetBEV
 from bevkit.models.bev_model import BEVModel
@@ -50,9 +51,11 @@ def _lookup(table: dict, name: str, kind: str):
     return table[name]
 
 
-def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
+def build_model(cfg: ModelConfig, load_checkpoint: bool = True, num_cameras: int | None = None) -> BEVModel:
     """Build the model a config describes; with ``load_checkpoint``, the backbone's local
-    checkpoint (``cfg.backbone.checkpoint``) is loaded (``weights_only=True``)."""
+    checkpoint (``cfg.backbone.checkpoint``) is loaded (``weights_only=True``). ``num_cameras``: the
+    cameras of its inputs (an experiment's ``data.cameras``), for a BEVFormer encoder's per-camera
+    embeddings when ``view_transform.num_cameras`` is unset (both None: 6)."""
     grid = cfg.grid
     backbone = neck = view_transform = lidar = fuser = temporal = map_prior = None
     bev_channels = []
@@ -73,7 +76,8 @@ def build_model(cfg: ModelConfig, load_checkpoint: bool = True) -> BEVModel:
         elif cls is BEVFormerEncoder:
             view_transform = BEVFormerEncoder(neck.channels, vt.channels, grid, neck.stride, vt.layers, vt.heads,
                                               vt.num_z, vt.points_per_z, vt.tsa_points, vt.ffn,
-                                              _lookup(DEFORM_ATTN, vt.deform_attn, "deform_attn"))
+                                              _lookup(DEFORM_ATTN, vt.deform_attn, "deform_attn"),
+                                              vt.num_cameras or num_cameras or len(CAMERAS))
         else:
             view_transform = cls(neck.channels, vt.channels, grid, vt.num_z, neck.stride)
         bev_channels.append(vt.channels)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bevkit.data.maps import MAP_CLASSES
 from bevkit.data.nuscenes import DETECTION_CLASSES
@@ -98,7 +98,8 @@ class ViewTransformConfig(Frozen):
     ``points_per_z`` samples each, FFN of width ``ffn``), ``heads`` attention heads; ``deform_attn``
     names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse-product path;
     ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
-    memory and speed. ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also
+    memory and speed; ``num_cameras`` is the number of its learned camera embeddings, one per camera in
+    ``data.cameras`` order (None: as many as ``data.cameras`` lists; ``build_model`` alone: 6). ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also
     reads the LiDAR points projected into each image (needs a LiDAR input in the batch).
     ``downsample`` f (``lss``, ``lss_depth``): pool on a grid f times finer and reduce it with
     strided convs, as BEVFusion's camera branch does."""
@@ -117,6 +118,7 @@ class ViewTransformConfig(Frozen):
     tsa_points: int = 4
     ffn: int = 512
     deform_attn: str = "fast"
+    num_cameras: int | None = Field(default=None, ge=1)
 
 
 class LidarConfig(Frozen):
