@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from engine_helpers import tiny_experiment, write_yaml
 
 from bevkit.cli import main
@@ -63,6 +64,16 @@ def test_engine_errors_are_one_line(trained_run, tiny_root, tmp_path, capsys):
 
     assert main(["train", cfg_path, "--resume", "--set", f"out={tmp_path / 'fresh'}"]) == 2
     assert "nothing to resume from" in capsys.readouterr().err
+    # A run saved with another layout of a tensor (as before BEVFormer's per-camera embedding) is not
+    # resumed (its optimizer state has the old shapes); the message says how to start from its weights.
+    old = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k, v in old["state_dict"].items() if k.startswith("model.") and v.dim() == 1 and v.numel() > 1)
+    old["state_dict"][key] = old["state_dict"][key].view(1, -1)
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    torch.save(old, tmp_path / "old" / "checkpoints" / "last.ckpt")
+    assert main(["train", cfg_path, "--resume", "--set", f"out={tmp_path / 'old'}"]) == 2
+    err = capsys.readouterr().err
+    assert key[len("model."):] in err and "train.init_from=" in err and err.count("\n") == 1
 
     # Settings only the model builder can check (an unknown variant) are one line too.
     assert main(["train", cfg_path, "--set", "model.bev_encoder.type=unet", "--set",

@@ -41,6 +41,8 @@ from bevkit.engine.checkpoint import (
     checkpoint_config,
     init_weights,
     load_state,
+    model_state,
+    read_checkpoint,
 )
 from bevkit.engine.data import BEVDataModule
 from bevkit.engine.module import BEVLitModule
@@ -144,6 +146,18 @@ def make_trainer(cfg: ExperimentConfig, out: Path, fit: bool, callbacks=(), prog
         plugins=[AtomicCheckpointIO()])
 
 
+def _check_resumable(model, ckpt: dict, path) -> None:
+    """Refuse to resume a run whose saved tensors have other shapes than this version's model gives
+    them (a layout changed since, e.g. BEVFormer's camera embedding): the weights could be upgraded
+    on load, but the optimizer state could not."""
+    own = model.state_dict()
+    for key, value in model_state(ckpt, ema=False).items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)} there and {tuple(own[key].shape)} "
+                                  f"in this version's model, so its optimizer state cannot continue; start a new "
+                                  f"run from its weights with --set train.init_from={path}")
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           callbacks=()) -> Path:
     """Train a config into ``cfg.out``; with ``resume``, continue from ``checkpoints/last.ckpt``.
@@ -160,7 +174,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
     if resume:
         if not last.is_file():
             raise CheckpointError(f"{last}: nothing to resume from (no last checkpoint in the run folder)")
-        saved = checkpoint_config(last)
+        ckpt = read_checkpoint(last)
+        saved = checkpoint_config(last, ckpt)
         check_same_model(cfg, saved, last)
         if saved.data.train_split != cfg.data.train_split:  # the saved position counts batches of that split
             raise ConfigError(f"{last}: the run trained on data.train_split {saved.data.train_split!r}, not "
@@ -176,6 +191,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, 
             raise DataError(f"{cfg.data.root}: split {split!r} has no samples in this dataset")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module = BEVLitModule(cfg)
+    if resume:
+        _check_resumable(module.model, ckpt, last)
+        del ckpt
     if cfg.train.init_from and not resume:
         fresh = init_weights(module.model, cfg.train.init_from)
         groups = sorted({k.split(".")[0] for k in fresh})

@@ -99,8 +99,9 @@ class ViewTransformConfig(Frozen):
     names its deformable attention (``models.build.DEFORM_ATTN``: ``fast``, the sparse-product path;
     ``reference``, one ``grid_sample`` per level; ``exportable``, gathers): same results, different
     memory and speed; ``num_cameras`` is the number of its learned camera embeddings, one per camera in
-    ``data.cameras`` order (None: as many as ``data.cameras`` lists; ``build_model`` alone: 6). ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also
-    reads the LiDAR points projected into each image (needs a LiDAR input in the batch).
+    ``data.cameras`` order (None: as many as ``data.cameras`` lists; ``build_model`` alone: 6).
+    ``lss_depth``: BEVFusion's ``DepthLSSTransform``, lift-splat whose depth net also reads the
+    LiDAR points projected into each image (needs a LiDAR input in the batch).
     ``downsample`` f (``lss``, ``lss_depth``): pool on a grid f times finer and reduce it with
     strided convs, as BEVFusion's camera branch does."""
 
