@@ -8,7 +8,7 @@ process, so its peak memory is its own. Results go to ``OUT/compare.json`` and a
 printed. A preset whose record (``compare_record.json``) already exists is not run again (delete its folder to redo it).
 
     bevkit synth runs/synth-small --preset small
-    python benchmarks/compare_presets.py --data runs/synth-small --out runs/compare [--epochs 1]
+    python benchmarks/compare_presets.py --data runs/synth-small --out runs/compare [--epochs 1] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -94,12 +94,13 @@ def one(name: str, args) -> dict:
         print(f"{name}: already done ({record})", flush=True)
         return {**json.loads(record.read_text()), **metrics_of(eval_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
-    sets = [a for s in (*common_overrides(args), *preset_overrides(name, args)) for a in ("--set", s)]
+    sets = [a for s in (*common_overrides(args), *preset_overrides(name, args), *args.sets) for a in ("--set", s)]
     config = f"configs/{name}.yaml"
     log = run_dir / "compare.log"
     train_s, train_rss = run(["train", config, *sets, "--overwrite"], log)
     eval_s, _ = run(["eval", config, str(run_dir / "checkpoints" / "last.ckpt"), *sets], log)
-    rec = {"preset": name, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+    rec = {"preset": name, "extra_sets": list(args.sets), "train_seconds": round(train_s, 1),
+           "eval_seconds": round(eval_s, 1),
            "train_peak_rss_mb": round(train_rss, 1), **metrics_of(eval_dir)}
     write_text_atomic(record, json.dumps(rec, indent=2))
     return rec
@@ -159,6 +160,9 @@ def main(argv=None) -> None:
     p.add_argument("--sweeps", type=int, default=2)
     p.add_argument("--max-range", type=float, default=12.8)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra override for every preset's train and eval (repeatable), e.g. "
+                        "train.drop_empty_boxes=false; recorded in each preset's compare_record.json")
     args = p.parse_args(argv)
     unknown = sorted(set(args.presets) - {n for n, _ in PRESETS})
     if unknown:

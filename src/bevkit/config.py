@@ -117,7 +117,10 @@ class TrainSection(_Frozen):
     the model's tensors it lacks (e.g. a newly added map prior) keep their initialisation. Ignored
     when resuming. ``order``: how training visits samples: ``shuffle`` (a seeded permutation),
     ``scenes`` (scenes in a seeded order, each scene's keyframes in time order, as Neural Map Prior
-    trains) or ``auto`` (``scenes`` for a model with a map prior, else ``shuffle``)."""
+    trains) or ``auto`` (``scenes`` for a model with a map prior, else ``shuffle``).
+    ``drop_empty_boxes``: the training split's targets leave out annotations with no LiDAR and no
+    radar point (mmdet3d's ``use_valid_flag``, as the upstream BEV repos train; the evaluation's
+    ground truth drops them too); validation and evaluation read every box."""
 
     epochs: int = 24
     max_steps: int = -1
@@ -141,6 +144,7 @@ class TrainSection(_Frozen):
     threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     init_from: str | None = None
     order: Literal["auto", "shuffle", "scenes"] = "auto"
+    drop_empty_boxes: bool = True
 
     @model_validator(mode="after")
     def _check(self):

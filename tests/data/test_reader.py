@@ -382,3 +382,39 @@ def test_a_dropped_index_is_freed_at_once(tiny_root, tmp_path):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_boxes_without_points_are_left_out_on_request(tiny_root, tmp_path):
+    """``drop_empty_boxes`` (training's default, through ``train.drop_empty_boxes``) leaves out exactly the
+    annotations with no LiDAR and no radar point: an annotation with radar returns only is kept."""
+    from bevkit.config import ExperimentConfig
+    from bevkit.data.nuscenes import CATEGORY_TO_CLASS
+    from bevkit.engine.data import data_config
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    table = data / "v1.0-mini" / "sample_annotation.json"
+    anns = json.loads(table.read_text())
+    index = NuScenesIndex.load(data, cache_dir=tmp_path / "cache")
+    k, sample = next((k, s) for k, s in enumerate(index.split("mini_val"))
+                     if sum(n == 0 and c in CATEGORY_TO_CLASS for n, c in
+                            zip(s["anns"]["num_lidar_pts"], s["anns"]["category"])) >= 2)
+    empty = [t for t, n, c in zip(sample["anns"]["token"], sample["anns"]["num_lidar_pts"], sample["anns"]["category"])
+             if n == 0 and c in CATEGORY_TO_CLASS]
+    radar_only = next(a for a in anns if a["token"] == empty[0])
+    radar_only["num_radar_pts"] = 2
+    table.write_text(json.dumps(anns))
+    index = NuScenesIndex.load(data, cache_dir=tmp_path / "cache")  # rebuilt: the table changed
+    sample = index.split("mini_val")[k]
+    assert sample["anns"]["num_radar_pts"][sample["anns"]["token"].index(empty[0])] == 2
+    every = NuScenesDataset(data, "mini_val", DataConfig(cameras=(), load_points=False), index=index)[k]
+    kept = NuScenesDataset(data, "mini_val", DataConfig(cameras=(), load_points=False, drop_empty_boxes=True),
+                           index=index)[k]
+    gone = set(every["instances"]) - set(kept["instances"])
+    instance = dict(zip(sample["anns"]["token"], sample["anns"]["instance"]))
+    assert gone == {instance[t] for t in empty[1:]} and instance[empty[0]] in kept["instances"]
+    assert len(every["boxes"]) - len(kept["boxes"]) == len(empty) - 1
+    # Training drops them by default; validation and evaluation read every box.
+    cfg = ExperimentConfig()
+    assert data_config(cfg, train=True).drop_empty_boxes and not data_config(cfg, train=False).drop_empty_boxes
+    assert not data_config(ExperimentConfig(train={"drop_empty_boxes": False}), train=True).drop_empty_boxes

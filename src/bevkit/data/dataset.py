@@ -52,6 +52,9 @@ class DataConfig:
     map_classes: tuple = MAP_CLASSES
     map_line_width: float = 0.6
     occupancy: bool = False
+    # Leave out annotations with no LiDAR and no radar point in them (mmdet3d's use_valid_flag, which the
+    # upstream BEV repos train with); the devkit's evaluation drops them from the ground truth too.
+    drop_empty_boxes: bool = False
     img_aug: ImageAugConfig | None = None  # None: deterministic resize and crop
     bev_aug: BEVAugConfig | None = None  # None: identity
 
@@ -91,8 +94,8 @@ class NuScenesDataset(Dataset):
         boxes (M, 9) in the (augmented) ego frame, labels (M,) int64, num_lidar_pts (M,),
         attributes (list of M str), instances (list of M str)
         map (K, Y, X) uint8 if ``map_grid``; occupancy / mask_camera / mask_lidar (X, Y, Z) if asked
-    Boxes of categories outside ``category_map`` are dropped; velocities unknown to the data
-    (no neighbouring annotation) are NaN.
+    Boxes of categories outside ``category_map`` are dropped, and with ``drop_empty_boxes`` those with
+    no LiDAR and no radar point; velocities unknown to the data (no neighbouring annotation) are NaN.
     """
 
     def __init__(self, root, split: str, cfg: DataConfig | None = None, version: str | None = None,
@@ -164,7 +167,8 @@ class NuScenesDataset(Dataset):
             e_from_c.append(cam["ego_from_cam"])
 
         a = s["anns"]
-        keep = [k for k, c in enumerate(a["category"]) if cfg.category_map.get(c) in self.class_index]
+        keep = [k for k, c in enumerate(a["category"]) if cfg.category_map.get(c) in self.class_index
+                and not (cfg.drop_empty_boxes and a["num_lidar_pts"][k] + a["num_radar_pts"][k] == 0)]
         boxes = np.array([[np.nan if v is None else v for v in a["boxes"][k]] for k in keep],
                          dtype=np.float64).reshape(-1, 9)
         boxes = transform_boxes(boxes, bev_aug)

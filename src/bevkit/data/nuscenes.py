@@ -206,7 +206,7 @@ def box_corners(box) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- the index
-INDEX_SCHEMA = 2
+INDEX_SCHEMA = 3
 MAX_SWEEPS = 10
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT")
 
@@ -311,6 +311,7 @@ class _Annotation(msgspec.Struct, gc=False):
     size: tuple[float, float, float]
     rotation: tuple[float, float, float, float]
     num_lidar_pts: int
+    num_radar_pts: int = 0  # absent in some nuScenes-format datasets
     visibility_token: str | None = ""
     prev: str | None = ""
     next: str | None = ""
@@ -440,7 +441,8 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
         (K, 3, 3), ``ego_from_sensor`` (K, 4, 4), ``ann_order`` (M,) annotation rows sample by
         sample with ``ann_start`` (S + 1,) offsets into it, ``ann_boxes`` (M, 9) as (x, y, z, l, w, h, yaw,
         vx, vy) with NaN velocity when unknown, ``ann_category`` / ``ann_attribute`` (M,) codes
-        into the vocabularies (-1: no attribute), ``ann_num_lidar_pts`` (M,).
+        into the vocabularies (-1: no attribute), ``ann_num_lidar_pts`` / ``ann_num_radar_pts`` (M,)
+        (radar 0 where the table has no such field).
     """
     root = Path(root)
     for name in TABLES:
@@ -573,6 +575,7 @@ def build_index(root, version: str, max_sweeps: int = MAX_SWEEPS) -> tuple[dict,
         "ego_from_sensor": ego_from_sensor, "ann_start": ann_start, "ann_boxes": boxes,
         "ann_order": ann_order, "ann_category": ann_category, "ann_attribute": ann_attribute,
         "ann_num_lidar_pts": _column(_attr(anns, "num_lidar_pts"), n, np.int64),
+        "ann_num_radar_pts": _column(_attr(anns, "num_radar_pts"), n, np.int64),
     }
     return strings, arrays
 
@@ -581,7 +584,7 @@ _STRING_KEYS = ("scenes", "sample_token", "sample_scene", "sample_prev", "sample
                 "ann_instance", "ann_visibility", "categories", "attributes")
 _ARRAY_KEYS = ("sample_timestamp", "global_from_ego", "sensor_start", "sensor_kind", "sensor_timestamp",
                "sensor_size", "sensor_intrinsics", "ego_from_sensor", "ann_start", "ann_order", "ann_boxes",
-               "ann_category", "ann_attribute", "ann_num_lidar_pts")
+               "ann_category", "ann_attribute", "ann_num_lidar_pts", "ann_num_radar_pts")
 
 
 def _make_sample(st: dict, ar: dict, i: int) -> dict:
@@ -615,6 +618,7 @@ def _make_sample(st: dict, ar: dict, i: int) -> dict:
                    "attribute": [attrs[c] if c >= 0 else "" for c in ar["ann_attribute"][rows].tolist()],
                    "instance": [st["ann_instance"][k] for k in rows],
                    "num_lidar_pts": ar["ann_num_lidar_pts"][rows].tolist(),
+                   "num_radar_pts": ar["ann_num_radar_pts"][rows].tolist(),
                    "visibility": [st["ann_visibility"][k] for k in rows], "boxes": boxes}
     return out
 
@@ -659,7 +663,7 @@ class NuScenesIndex:
         token, scene_token, timestamp, prev, next, global_from_ego (4x4, the LiDAR keyframe's),
         lidar {filename, timestamp, ego_from_lidar}, cams {channel: {filename, timestamp, width,
         height, intrinsics, ego_from_cam}}, sweeps [{filename, timestamp, ego_from_sweep}] newest
-        first, anns {token, category, attribute, instance, num_lidar_pts, visibility, boxes}
+        first, anns {token, category, attribute, instance, num_lidar_pts, num_radar_pts, visibility, boxes}
 
     with boxes (x, y, z, l, w, h, yaw, vx, vy) in the ego frame, velocity None when unknown.
     """

@@ -36,7 +36,8 @@ def history_frames(cfg: ExperimentConfig) -> int:
 
 
 def data_config(cfg: ExperimentConfig, train: bool) -> DataConfig:
-    """The reader's ``DataConfig`` for a model: targets of its heads, augmentation only in training."""
+    """The reader's ``DataConfig`` for a model: targets of its heads; augmentation, and leaving out
+    boxes without points (``train.drop_empty_boxes``), only in training."""
     d, m = cfg.data, cfg.model
     cameras = tuple(d.cameras) if m.view_transform is not None else ()  # a LiDAR-only model reads no image
     kw = dict(cameras=cameras, image_size=tuple(d.image_size), sweeps=d.sweeps,
@@ -57,6 +58,7 @@ def data_config(cfg: ExperimentConfig, train: bool) -> DataConfig:
     if train:
         kw["img_aug"] = cfg.image_aug()
         kw["bev_aug"] = cfg.bev_aug()
+        kw["drop_empty_boxes"] = cfg.train.drop_empty_boxes
     return DataConfig(**kw)
 
 
