@@ -312,6 +312,88 @@ def export(
         raise typer.Exit(1)
 
 
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="Experiment YAML (configs/*.yaml)."),
+    ckpt: Path = typer.Argument(None, help="Checkpoint to load (default: the untrained model, seeded)."),
+    split: str = typer.Option(None, help="Split the input samples come from (default: the config's data.val_split)."),
+    sample: int = typer.Option(0, help="Index of the first input sample in the split."),
+    batch: int = typer.Option(1, help="Samples per forward pass (consecutive samples of the split)."),
+    repeats: int = typer.Option(20, help="Timed iterations (the figures are their median, min and max)."),
+    warmup: int = typer.Option(3, help="Untimed iterations first."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    precision: str = typer.Option("32", help="32, bf16 (autocast) or 16 (float16 autocast, CUDA only)."),
+    threads: int = typer.Option(None, help="torch intra-op threads on the CPU (default: torch's)."),
+    flops: bool = typer.Option(True, help="Count the FLOPs of one forward pass (--no-flops to skip)."),
+    out: Path = typer.Option(None, help="JSON report to write (default: <run>/bench.json)."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Latency per stage, samples per second, peak memory, FLOPs and parameters of a model on dataset
+    samples, as evaluation runs it (history frames, forward, decoding). Prints a table, writes JSON."""
+    _quiet_lightning()
+    import torch
+
+    from bevkit.atomic import write_text_atomic
+    from bevkit.bench import bench_input, bench_model
+
+    _check_device(device)
+    if precision not in ("32", "bf16", "16"):
+        _fail(f"--precision must be 32, bf16 or 16, got {precision!r}")
+    if repeats < 1 or warmup < 0:
+        _fail(f"--repeats must be at least 1 and --warmup at least 0, got {repeats} and {warmup}")
+    if sample < 0 or batch < 1:
+        _fail(f"--sample must be at least 0 and --batch at least 1, got {sample} and {batch}")
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be at least 1, got {threads}")
+    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "16" and dev.type != "cuda":
+        _fail("--precision 16 (float16 autocast) is CUDA only; use bf16 on the CPU")
+    if out is not None:
+        _out_file(out)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        cfg = _experiment(config, set_)
+        if ckpt is None:
+            from bevkit.engine.checkpoint import build_experiment_model
+
+            torch.manual_seed(cfg.train.seed)
+            model = build_experiment_model(cfg)
+        else:
+            from bevkit.export import load_trained
+
+            model = load_trained(cfg, ckpt)
+        model = model.to(dev).eval()
+        split = split or cfg.data.val_split
+        inputs, info = bench_input(cfg, model, split, sample, batch, dev)
+        report = bench_model(model, inputs, repeats=repeats, warmup=warmup, precision=precision, flops=flops,
+                             progress=sys.stderr.isatty())
+    except _engine_errors() as e:
+        _fail(str(e))
+    report = {"config": str(config), "model": cfg.model.name, "checkpoint": None if ckpt is None else str(ckpt),
+              "input": info, **report}
+    out = out or Path(cfg.out) / "bench.json"
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
+    lat = report["latency_ms"]
+    typer.echo(f"{cfg.model.name} on {report['device']} ({report['precision']}, {report['threads']} threads), "
+               f"batch {report['batch']} of {split}, {repeats} runs after {warmup} warm-up")
+    typer.echo(f"  {'stage':<22}{'median ms':>11}{'min ms':>9}{'share':>8}")
+    for name, t in lat.items():
+        share = "" if name == "total" else f"{100 * t['median'] / lat['total']['median']:7.1f}%"
+        typer.echo(f"  {name:<22}{t['median']:11.2f}{t['min']:9.2f}{share:>8}")
+    typer.echo(f"  {report['fps']:.2f} samples/s")
+    mem = report["memory"]
+    typer.echo(f"  peak memory: {mem['peak_mib']:.1f} MiB ({mem['kind']})"
+               + (f"; process peak resident set {mem['process_peak_rss_mib']:.0f} MiB"
+                  if mem["process_peak_rss_mib"] is not None else ""))
+    if report["flops"] is not None:
+        f = report["flops"]
+        typer.echo(f"  {f['gflops']:.2f} GFLOPs per forward ({f['counted']:.2f} counted by torch's counter, sparse "
+                   f"products {f['sparse_true']:.3f} as stored)")
+    typer.echo(f"  {report['params_m']['total']:.2f} M parameters")
+    typer.echo(f"wrote {out}")
+
+
 def _check_device(device: str) -> None:
     """``auto`` or a device torch knows and this machine has."""
     if device == "auto":
