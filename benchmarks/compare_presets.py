@@ -5,7 +5,8 @@ split), the same number of epochs, batch size, optimiser and schedule, and the s
 (the class ranges capped at the presets' 12.8 m grid, ``eval.max_range``). Each preset runs as the two
 commands a user would type (printed before they run), ``bevkit train`` then ``bevkit eval``, in its own
 process, so its peak memory is its own. Results go to ``OUT/compare.json`` and a markdown table is
-printed. A preset whose record (``compare_record.json``) already exists is not run again (delete its folder to redo it).
+printed. A preset whose record (``compare_record.json``) already exists is not run again (delete its folder to redo it);
+a record made with other ``--set`` overrides (a record without them counts as none) is refused.
 
     bevkit synth runs/synth-small --preset small
     python benchmarks/compare_presets.py --data runs/synth-small --out runs/compare [--epochs 1] [--set KEY=VALUE ...]
@@ -91,8 +92,12 @@ def one(name: str, args) -> dict:
     eval_dir = run_dir / f"eval-{args.val_split}"
     record = run_dir / "compare_record.json"
     if record.is_file():
+        done = json.loads(record.read_text())
+        if done.get("extra_sets", []) != list(args.sets):  # a record from before --set existed has none
+            raise SystemExit(f"{record}: made with --set {done.get('extra_sets', [])}, not {list(args.sets)}; "
+                             f"delete {run_dir} to redo it, or give another --out")
         print(f"{name}: already done ({record})", flush=True)
-        return {**json.loads(record.read_text()), **metrics_of(eval_dir)}
+        return {**done, **metrics_of(eval_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
     sets = [a for s in (*common_overrides(args), *preset_overrides(name, args), *args.sets) for a in ("--set", s)]
     config = f"configs/{name}.yaml"

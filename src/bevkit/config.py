@@ -189,6 +189,9 @@ class ExperimentConfig(_Frozen):
     @model_validator(mode="after")
     def _cameras_match(self):
         vt = self.model.view_transform
+        if vt is not None and vt.type != "deform" and vt.num_cameras is not None:
+            raise ValueError(f"model.view_transform.num_cameras is for the deform (BEVFormer) view transform, "
+                             f"not {vt.type!r}")
         if vt is not None and vt.type == "deform" and vt.num_cameras not in (None, len(self.data.cameras)):
             raise ValueError(f"model.view_transform.num_cameras is {vt.num_cameras} but data.cameras lists "
                              f"{len(self.data.cameras)}; BEVFormer learns one embedding per camera (leave "

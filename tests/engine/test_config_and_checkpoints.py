@@ -217,3 +217,31 @@ def test_class_map_renames_categories_for_the_reader(tmp_path, tiny_root):
         cars += int((a["labels"] == car).sum())
         assert len(a["labels"]) > int((a["labels"] == car).sum())  # other classes were there, and are dropped
     assert cars > 0
+
+
+def test_per_camera_embeddings_keep_cache_keys_and_tie_checkpoints_to_their_cameras():
+    from pathlib import Path
+
+    from bevkit.cache.manifest import config_hash
+    from bevkit.config import experiment_from_dict
+    from bevkit.engine.checkpoint import check_same_model, load_state
+    from bevkit.models import build_model
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    bevformer = load_experiment(configs / "bevformer-synth.yaml")
+    # Feature caches are keyed by config_hash: configs that leave view_transform.num_cameras unset keep the
+    # keys they had before it existed (their checkpoints load as the same function), so their caches stay.
+    assert config_hash(ExperimentConfig()) == "8919c4eeeaf322c42bc540801769223b2f5023f769cad38fc909e9210bbe93d7"
+    assert config_hash(bevformer) == "f3ba5455aea9d6b1518335afa8d1badec1fa01c9fa4b6958ee047b22833a4c63"
+    with pytest.raises(ConfigError, match="num_cameras is for the deform"):
+        experiment_from_dict({"model": {"view_transform": {"num_cameras": 2}}})
+    # A BEVFormer checkpoint's embeddings belong to its cameras in their order.
+    doc = bevformer.to_dict()
+    doc["data"]["cameras"] = doc["data"]["cameras"][::-1]
+    check_same_model(bevformer, bevformer, "run.ckpt")
+    with pytest.raises(CheckpointError, match=r"one embedding per camera of data.cameras \['CAM_FRONT', 'CAM_BACK'\]"):
+        check_same_model(experiment_from_dict(doc), bevformer, "run.ckpt")
+    # Weights that do not fit name the tensor, not just the model.
+    state = build_model(bevformer.model, num_cameras=2).state_dict()
+    with pytest.raises(CheckpointError, match=r"run.ckpt: weights do not fit the model: .*view_transform.cam_embed"):
+        load_state(build_model(bevformer.model, num_cameras=3), state, "run.ckpt")

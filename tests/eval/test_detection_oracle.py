@@ -196,3 +196,23 @@ def test_the_benchmark_configuration_cannot_be_changed_through_a_summary(tables,
     assert DETECTION_CVPR_2019["class_range"]["car"] == 50 and DETECTION_CVPR_2019["class_range"]["truck"] == 50
     again = score(path, tiny_root, "v1.0-mini", "mini_val", None)
     assert again["mean_ap"] == first["mean_ap"]
+
+
+def test_ground_truth_reads_tables_without_radar_counts(tiny_root, tmp_path):
+    """``num_radar_pts`` is optional in nuScenes-format tables (check-data accepts its absence): the ground
+    truth then counts LiDAR points only, and drops the same boxes when they are zero."""
+    import shutil
+
+    from bevkit.data.nuscenes import NuScenesTables
+    from bevkit.eval.groundtruth import load_detection_gt
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    table = data / "v1.0-mini" / "sample_annotation.json"
+    anns = json.loads(table.read_text())
+    assert all(a["num_radar_pts"] == 0 for a in anns)  # the synthetic world has no radar
+    table.write_text(json.dumps([{k: v for k, v in a.items() if k != "num_radar_pts"} for a in anns]))
+    with_radar = load_detection_gt(NuScenesTables(tiny_root, "v1.0-mini"), "mini_val")
+    without = load_detection_gt(NuScenesTables(data, "v1.0-mini"), "mini_val")
+    assert len(without.boxes.num_pts) == len(with_radar.boxes.num_pts) > 0
+    np.testing.assert_array_equal(without.boxes.num_pts, with_radar.boxes.num_pts)

@@ -48,6 +48,8 @@ def feature_config(cfg: ExperimentConfig) -> dict:
     d = cfg.to_dict()
     m = cfg.model
     camera = m.view_transform is not None
+    if camera and d["model"]["view_transform"].get("num_cameras") is None:  # added later; unset, it changes nothing
+        d["model"]["view_transform"].pop("num_cameras", None)
     inputs = {"cameras": list(d["data"]["cameras"]) if camera else [],
               "image_size": list(d["data"]["image_size"]) if camera else None,
               "sweeps": d["data"]["sweeps"] if m.lidar is not None else 0}

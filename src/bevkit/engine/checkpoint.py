@@ -97,8 +97,8 @@ def init_weights(model: BEVModel, path) -> list[str]:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         if not misfit:
-            raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
-        k = misfit[0]
+            raise CheckpointError(f"{path}: weights do not fit the model: {_first_problem(e)}") from None
+        k = next((k for k in misfit if f"for {k}:" in str(e)), misfit[0])  # one the model could not upgrade
         raise CheckpointError(f"{path}: {len(misfit)} tensors differ in shape from this model's "
                               f"(e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})") from None
     return sorted(k for k in own if k not in state)
@@ -117,8 +117,15 @@ def load_state(model: BEVModel, state: dict, path) -> BEVModel:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the model: {_first_problem(e)}") from None
     return model
+
+
+def _first_problem(e: RuntimeError) -> str:
+    """The first line of a ``load_state_dict`` error that names a tensor (its first line only says where)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines[1:] if "size mismatch" in line or "key" in line.lower()),
+                lines[0] if lines else type(e).__name__)
 
 
 # Head settings used only when decoding predictions: they may differ from the checkpoint's (tuned at
@@ -134,6 +141,10 @@ def check_same_model(cfg: ExperimentConfig, saved: ExperimentConfig, path) -> No
                   if not (d.startswith("model.heads.") and d.rsplit(".", 1)[-1] in DECODE_ONLY))
     if diff:
         raise CheckpointError(f"{path}: the config's model differs from the checkpoint's at {', '.join(diff[:6])}")
+    vt = cfg.model.view_transform
+    if vt is not None and vt.type == "deform" and tuple(cfg.data.cameras) != tuple(saved.data.cameras):
+        raise CheckpointError(f"{path}: BEVFormer learned one embedding per camera of data.cameras "
+                              f"{list(saved.data.cameras)} (in that order); the config lists {list(cfg.data.cameras)}")
 
 
 def _differences(a, b, prefix):

@@ -155,7 +155,8 @@ def _check_resumable(model, ckpt: dict, path) -> None:
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)} there and {tuple(own[key].shape)} "
                                   f"in this version's model, so its optimizer state cannot continue; start a new "
-                                  f"run from its weights with --set train.init_from={path}")
+                                  f"run from its weights in another folder: --set out=<new folder> "
+                                  f"--set train.init_from={path}")
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,

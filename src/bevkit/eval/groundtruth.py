@@ -76,7 +76,7 @@ def load_detection_gt(tables: NuScenesTables, split: str) -> DetectionGT:
                 raise DataError(f"sample_annotation {ann['token']}: attribute {attr_name[attrs[0]]!r} is not one of "
                                 f"the detection benchmark's ({', '.join(ATTRIBUTE_INDEX)})")
             rows.append((si, ann["translation"], ann["size"], ann["rotation"], tables.velocity(ann)[:2],
-                         CLASS_INDEX[cls], attr, ann["num_lidar_pts"] + ann["num_radar_pts"]))
+                         CLASS_INDEX[cls], attr, ann["num_lidar_pts"] + ann.get("num_radar_pts", 0)))
     if rows:
         si, tr, sz, rot, vel, lab, attr, npts = zip(*rows)
         boxes = DetBoxes(sample=np.array(si, np.int64), translation=np.array(tr, float), size=np.array(sz, float),
