@@ -394,6 +394,40 @@ def bench(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def viz(
+    config: Path = typer.Argument(..., help="Experiment YAML the checkpoint was trained with."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.ckpt) written by bevkit train (EMA weights if present)."),
+    split: str = typer.Option(None, help="Split the samples come from (default: the config's data.val_split)."),
+    sample: list[int] = typer.Option(None, help="Index of a sample in the split (repeatable; default: 0)."),
+    out: Path = typer.Option(None, help="Folder for the PNGs (default: <run>/viz-<split>)."),
+    score_threshold: float = typer.Option(0.3, help="Draw predicted boxes scoring at least this."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Draw a trained model's predictions against the ground truth on dataset samples: boxes in the
+    front camera and from above, each map layer, occupancy from above (one PNG per sample and head)."""
+    _quiet_lightning()
+    import torch
+
+    from bevkit.export import load_trained
+    from bevkit.viz.heads import visualise
+
+    _check_device(device)
+    _out_dir(out)
+    samples = list(sample) if sample else [0]
+    try:
+        cfg = _experiment(config, set_)
+        dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_trained(cfg, ckpt).to(dev)
+        split = split or cfg.data.val_split
+        paths = visualise(cfg, model, split, samples, out or Path(cfg.out) / f"viz-{split}", score_threshold)
+    except _engine_errors() as e:
+        _fail(str(e))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
 def _check_device(device: str) -> None:
     """``auto`` or a device torch knows and this machine has."""
     if device == "auto":

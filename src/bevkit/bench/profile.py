@@ -69,16 +69,6 @@ class StageTimer:
             h.remove()
 
 
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "32":
         return nullcontext()
@@ -277,7 +267,7 @@ def bench_input(cfg, model: nn.Module, split: str, sample: int, batch: int, devi
     """Samples ``sample`` .. ``sample + batch - 1`` of ``split`` collated as evaluation reads them (no
     augmentation, with the history frames the model reads), on ``device``, and a description of them."""
     from bevkit.config import ConfigError
-    from bevkit.engine.data import BEVDataModule, collate_history, history_frames
+    from bevkit.engine.data import BEVDataModule, collate_history, history_frames, to_device
 
     ds = BEVDataModule(cfg).dataset(split, train=False)
     if batch < 1:
@@ -286,7 +276,7 @@ def bench_input(cfg, model: nn.Module, split: str, sample: int, batch: int, devi
         raise ConfigError(f"bench: samples {sample}..{sample + batch - 1} are not all in split {split!r} "
                           f"({len(ds)} samples)")
     items = [ds[i] for i in range(sample, sample + batch)]
-    collated = _to_device(collate_history(items), device)
+    collated = to_device(collate_history(items), device)
     info = {"split": split, "first_sample": sample, "tokens": [it["token"] for it in items],
             "cameras": len(cfg.data.cameras) if model.view_transform is not None else 0,
             "image_size": list(cfg.data.image_size) if model.view_transform is not None else None,

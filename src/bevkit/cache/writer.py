@@ -50,7 +50,7 @@ from bevkit.cache.manifest import (
 from bevkit.config import ExperimentConfig
 from bevkit.data.nuscenes import DataError
 from bevkit.engine.checkpoint import check_same_model, file_sha256, load_model
-from bevkit.engine.data import BEVDataModule, collate_history
+from bevkit.engine.data import BEVDataModule, collate_history, to_device
 from bevkit.engine.module import with_history
 
 # Loading a sample can fail on bad input in these ways; anything else is a bug and stops the job.
@@ -107,16 +107,6 @@ def _collate(items: list[dict]) -> tuple[dict | None, list[dict]]:
     failed = [it for it in items if "error" in it]
     ok = [it for it in items if "error" not in it]
     return (collate_history(ok) if ok else None), failed
-
-
-def _to_device(x, device: torch.device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_to_device(v, device) for v in x]
-    return x
 
 
 def pick_device(device: str) -> torch.device:
@@ -245,7 +235,7 @@ def write_cache(cfg: ExperimentConfig, ckpt_path, out, split: str | None = None,
                 failed[it["index"]] = {"index": it["index"], "token": it["token"], "reason": it["error"]}
             done = len(bad)
             if batch is not None:
-                feats = bev_features(model, _to_device(batch, dev)).to(DTYPES[dtype][1]).cpu()  # (B, C, Y, X)
+                feats = bev_features(model, to_device(batch, dev)).to(DTYPES[dtype][1]).cpu()  # (B, C, Y, X)
                 for j, i in enumerate(batch["index"]):
                     if i in records:  # computed only to keep the batch as it always is
                         continue

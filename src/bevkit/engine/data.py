@@ -119,6 +119,17 @@ def collate_history(items: list[dict]) -> dict:
     return batch
 
 
+def to_device(batch, device: torch.device):
+    """A collated batch (tensors inside dicts, lists and tuples) moved to ``device``; other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def scene_runs(scenes: list[str]) -> list[tuple[int, int]]:
     """[start, stop) index ranges of consecutive equal scene names."""
     runs, start = [], 0
