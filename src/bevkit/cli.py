@@ -418,10 +418,12 @@ def viz(
     samples = list(sample) if sample else [0]
     try:
         cfg = _experiment(config, set_)
+        split = split or cfg.data.val_split
+        out = out or Path(cfg.out) / f"viz-{split}"
+        _out_dir(out)
         dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_trained(cfg, ckpt).to(dev)
-        split = split or cfg.data.val_split
-        paths = visualise(cfg, model, split, samples, out or Path(cfg.out) / f"viz-{split}", score_threshold)
+        paths = visualise(cfg, model, split, samples, out, score_threshold)
     except _engine_errors() as e:
         _fail(str(e))
     for path in paths:

@@ -55,3 +55,25 @@ def test_visualise_draws_map_and_occupancy_heads(tiny_root, tmp_path):
         else:  # the ground-truth roads appear, as hits or misses
             colours = [np.round(255 * np.array(c)).astype(np.uint8) for c in (HIT, MISSED)]
             assert sum((np.abs(pixels.astype(int) - c) <= 1).all(axis=1).sum() for c in colours) > 100
+
+
+def test_map_panels_put_ego_forward_right_and_left_up(tmp_path):
+    # A non-square raster (Y=12, X=24 over 24 m x 12 m): a missed cell block in the front-left quadrant
+    # (x > 0, y > 0) must be drawn right of and above a false-positive block in the back-right one.
+    from bevkit.viz.heads import draw_map
+
+    truth = np.zeros((1, 12, 24), bool)
+    truth[0, 6:, 12:] = True  # rows: y, columns: x
+    pred = np.zeros_like(truth)
+    pred[0, :6, :12] = True
+    path = draw_map(pred, truth, ["divider"], (-12.0, 12.0, -6.0, 6.0), tmp_path / "m.png")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    def where(colour):
+        rows, cols = np.nonzero((np.abs(pixels - np.round(255 * np.array(colour))) <= 1).all(axis=-1))
+        assert len(rows) > 100
+        return rows.mean(), cols.mean()
+
+    (front_row, front_col), (back_row, back_col) = where(MISSED), where(FALSE_POSITIVE)
+    assert front_col > back_col  # x forward to the right
+    assert front_row < back_row  # y left upwards (origin="lower")

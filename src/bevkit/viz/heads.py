@@ -15,6 +15,9 @@ from bevkit.eval.occupancy import OCC_CLASSES
 # Map cells: predicted and true, predicted only, true only (white elsewhere).
 HIT, FALSE_POSITIVE, MISSED = (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.12, 0.47, 0.71)
 
+# The x and y extent of Occ3D's labels (metres, ego frame): 200 x 200 voxels of 0.4 m.
+OCC3D_EXTENT = (-40.0, 40.0, -40.0, 40.0)
+
 # Occ3D's 18 classes (``eval.occupancy.OCC_CLASSES`` order; 17, free, is drawn white).
 OCC_COLOURS = np.array([
     (0, 0, 0), (255, 120, 50), (255, 192, 203), (255, 255, 0), (0, 150, 245), (0, 255, 255), (200, 180, 0),
@@ -100,9 +103,9 @@ def draw_occupancy(pred: np.ndarray, truth: np.ndarray, visible: np.ndarray | No
         ax.imshow(rgb, origin="lower", extent=extent, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
-    present = sorted(set(np.unique(pred).tolist()) | set(np.unique(truth).tolist()) - {free})
+    present = sorted((set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())) - {free})
     handles = [Patch(color=OCC_COLOURS[c] / 255, label=OCC_CLASSES[c] if c < len(OCC_CLASSES) else str(c))
-               for c in present if c != free and c < len(OCC_COLOURS)]
+               for c in present if c < len(OCC_COLOURS)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6) or 1, fontsize=7, frameon=False)
     fig.suptitle(f"{title}\noccupancy from above (highest occupied voxel; grey: unseen by the cameras)",
                  fontsize=9)
@@ -110,8 +113,10 @@ def draw_occupancy(pred: np.ndarray, truth: np.ndarray, visible: np.ndarray | No
 
 
 def visualise(cfg, model, split: str, samples, out_dir, score_threshold: float = 0.3) -> list[Path]:
-    """Run ``model`` on samples of ``split`` as evaluation does (history frames encoded, an empty map prior)
-    and draw each head's predictions against the ground truth into ``out_dir``:
+    """Run ``model`` (put in eval mode) on samples of ``split`` as evaluation does, history frames encoded
+    (a Neural Map Prior model reads an empty prior, as ``eval.map_prior: empty`` scores it, not the
+    memory that online evaluation fills along a scene), and draw each head's predictions against the
+    ground truth into ``out_dir``:
     ``<scene>_<token>.png`` (detection: front camera and BEV, predictions above ``score_threshold``),
     ``<scene>_<token>_map.png`` (each map layer) and ``<scene>_<token>_occupancy.png`` (from above).
     The model runs on its own device; returns the paths written."""
@@ -125,13 +130,14 @@ def visualise(cfg, model, split: str, samples, out_dir, score_threshold: float =
     bad = [i for i in samples if not 0 <= i < len(ds)]
     if bad:
         raise ConfigError(f"viz: sample(s) {bad} not in split {split!r} ({len(ds)} samples)")
+    model.eval()
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = cfg.model.heads.boxes().attributes if "detection" in model.heads else ()
     g = cfg.model.grid
     extent = (g.xbound[0], g.xbound[1], g.ybound[0], g.ybound[1])
-    written = []
+    written, detections = [], {}
     for i in samples:
         item = ds[i]
         batch = to_device(collate_history([item]), device)
@@ -144,22 +150,26 @@ def visualise(cfg, model, split: str, samples, out_dir, score_threshold: float =
         if "detection" in preds:
             det = preds["detection"][0]
             attrs = ["" if a < 0 else names[a] for a in det["attributes"].tolist()]
-            results = boxes_to_results(token, det["boxes"].float().cpu(), det["scores"].float().cpu(),
-                                       det["labels"].cpu(), item["global_from_ego"].numpy(), attrs)
-            written += render_predictions(cfg.data.root, {token: results}, [token], out_dir, cfg.data.version,
-                                          score_threshold=score_threshold,
-                                          bev_range=max(abs(v) for v in extent))
+            detections[token] = boxes_to_results(token, det["boxes"].float().cpu(), det["scores"].float().cpu(),
+                                                 det["labels"].cpu(), item["global_from_ego"].numpy(), attrs)
         if "map" in preds:
             written.append(draw_map(preds["map"][0].cpu().numpy(), item["map"].numpy().astype(bool),
                                     cfg.model.heads.map.classes, extent, out_dir / f"{stem}_map.png", title))
         if "occupancy" in preds:
-            target = item["occupancy"]
-            logits = out["occupancy"]
-            factor = (target.shape[0] // logits.shape[-1], target.shape[1] // logits.shape[-2],
-                      target.shape[2] // logits.shape[-3])
-            occ = model.heads["occupancy"].decode(logits, factor)[0].cpu().numpy()
+            target = item["occupancy"]  # (X, Y, Z) on Occ3D's grid
+            logits = out["occupancy"]  # (B, classes, Z, Y, X) on the model's
+            sizes = (target.shape[0], logits.shape[-1]), (target.shape[1], logits.shape[-2]), \
+                (target.shape[2], logits.shape[-3])
+            if any(t % m for t, m in sizes):
+                raise ConfigError(f"viz: the occupancy head's grid {tuple(logits.shape[-1:-4:-1])} (x, y, z) does not "
+                                  f"divide the Occ3D labels' {tuple(target.shape)}")
+            occ = model.heads["occupancy"].decode(logits, tuple(t // m for t, m in sizes))[0].cpu().numpy()
             visible = item["mask_camera"].numpy().astype(bool) if "mask_camera" in item else None
-            written.append(draw_occupancy(occ, target.numpy(), visible, extent, out_dir / f"{stem}_occupancy.png",
-                                          title, free=cfg.model.heads.occupancy.free_class))
+            written.append(draw_occupancy(occ, target.numpy(), visible, OCC3D_EXTENT,
+                                          out_dir / f"{stem}_occupancy.png", title,
+                                          free=cfg.model.heads.occupancy.free_class))
+    if detections:  # the tables read once for all samples
+        written += render_predictions(cfg.data.root, detections, list(detections), out_dir, cfg.data.version,
+                                      score_threshold=score_threshold, bev_range=max(abs(v) for v in extent))
     return written
 
