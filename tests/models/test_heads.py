@@ -143,6 +143,9 @@ def test_occupancy_labels_finer_than_the_prediction_are_read_at_voxel_centres():
     good = onehot.permute(0, 4, 1, 2, 3).float() * 20
     assert head.loss(good, occ)["occ_ce"] < 1e-6
     assert torch.equal(head.decode(good, (4, 4, 4))[0, 4:8, 8:12, 4:8], torch.full((4, 4, 4), 5, dtype=torch.uint8))
+    assert torch.equal(head.decode_to(good, occ.shape[1:]), head.decode(good, (4, 4, 4)))
+    with pytest.raises(ValueError, match="integer multiple"):
+        head.decode_to(good, (18, 12, 8))
     with pytest.raises(ValueError, match="integer multiple"):
         head.loss(logits, occ[:, :18])
 

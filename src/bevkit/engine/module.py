@@ -282,10 +282,7 @@ class BEVLitModule(L.LightningModule):
             self._map.update(preds["map"].cpu(), batch["map"].bool().cpu())
         if self._occ is not None:
             target = batch["occupancy"]
-            logits = out["occupancy"]
-            factor = (target.shape[1] // logits.shape[-1], target.shape[2] // logits.shape[-2],
-                      target.shape[3] // logits.shape[-3])
-            occ = self.model.heads["occupancy"].decode(logits, factor)
+            occ = self.model.heads["occupancy"].decode_to(out["occupancy"], target.shape[1:])
             self._occ.update(occ.cpu(), target.cpu(), batch["mask_camera"].cpu())
 
     def on_validation_epoch_end(self) -> None:

@@ -157,13 +157,10 @@ def visualise(cfg, model, split: str, samples, out_dir, score_threshold: float =
                                     cfg.model.heads.map.classes, extent, out_dir / f"{stem}_map.png", title))
         if "occupancy" in preds:
             target = item["occupancy"]  # (X, Y, Z) on Occ3D's grid
-            logits = out["occupancy"]  # (B, classes, Z, Y, X) on the model's
-            sizes = (target.shape[0], logits.shape[-1]), (target.shape[1], logits.shape[-2]), \
-                (target.shape[2], logits.shape[-3])
-            if any(t % m for t, m in sizes):
-                raise ConfigError(f"viz: the occupancy head's grid {tuple(logits.shape[-1:-4:-1])} (x, y, z) does not "
-                                  f"divide the Occ3D labels' {tuple(target.shape)}")
-            occ = model.heads["occupancy"].decode(logits, tuple(t // m for t, m in sizes))[0].cpu().numpy()
+            try:
+                occ = model.heads["occupancy"].decode_to(out["occupancy"], target.shape)[0].cpu().numpy()
+            except ValueError as e:
+                raise ConfigError(f"viz: {e}") from None
             visible = item["mask_camera"].numpy().astype(bool) if "mask_camera" in item else None
             written.append(draw_occupancy(occ, target.numpy(), visible, OCC3D_EXTENT,
                                           out_dir / f"{stem}_occupancy.png", title,

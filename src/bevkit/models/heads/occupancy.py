@@ -85,3 +85,17 @@ class OccupancyHead(nn.Module):
             if f > 1:
                 occ = occ.repeat_interleave(f, dim=dim)
         return occ
+
+    def decode_to(self, logits: Tensor, labels_shape) -> Tensor:
+        """:meth:`decode` on the label grid ``labels_shape`` (X, Y, Z), a whole multiple of the head's
+        along each axis (a ``ValueError`` otherwise).
+
+        Shapes:
+            logits: (B, K, Z, Y, X)   returns: (B, X', Y', Z') uint8 with (X', Y', Z') = labels_shape
+        """
+        head = (logits.shape[-1], logits.shape[-2], logits.shape[-3])  # (X, Y, Z)
+        labels = tuple(int(n) for n in labels_shape)
+        if any(t % m for t, m in zip(labels, head)):
+            raise ValueError(f"occupancy labels (X, Y, Z) = {labels} are not an integer multiple of the "
+                             f"prediction's {head}")
+        return self.decode(logits, tuple(t // m for t, m in zip(labels, head)))
