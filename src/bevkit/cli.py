@@ -335,6 +335,7 @@ def bench(
 
     from bevkit.atomic import write_text_atomic
     from bevkit.bench import bench_input, bench_model
+    from bevkit.engine.data import pick_device
 
     _check_device(device)
     if precision not in ("32", "bf16", "16"):
@@ -345,7 +346,7 @@ def bench(
         _fail(f"--sample must be at least 0 and --batch at least 1, got {sample} and {batch}")
     if threads is not None and threads < 1:
         _fail(f"--threads must be at least 1, got {threads}")
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     if precision == "16" and dev.type != "cuda":
         _fail("--precision 16 (float16 autocast) is CUDA only; use bf16 on the CPU")
     if out is not None:
@@ -408,8 +409,7 @@ def viz(
     """Draw a trained model's predictions against the ground truth on dataset samples: boxes in the
     front camera and from above, each map layer, occupancy from above (one PNG per sample and head)."""
     _quiet_lightning()
-    import torch
-
+    from bevkit.engine.data import pick_device
     from bevkit.export import load_trained
     from bevkit.viz.heads import visualise
 
@@ -421,8 +421,7 @@ def viz(
         split = split or cfg.data.val_split
         out = out or Path(cfg.out) / f"viz-{split}"
         _out_dir(out)
-        dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_trained(cfg, ckpt).to(dev)
+        model = load_trained(cfg, ckpt).to(pick_device(device))
         paths = visualise(cfg, model, split, samples, out, score_threshold)
     except _engine_errors() as e:
         _fail(str(e))

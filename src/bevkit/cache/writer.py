@@ -50,7 +50,7 @@ from bevkit.cache.manifest import (
 from bevkit.config import ExperimentConfig
 from bevkit.data.nuscenes import DataError
 from bevkit.engine.checkpoint import check_same_model, file_sha256, load_model
-from bevkit.engine.data import BEVDataModule, collate_history, to_device
+from bevkit.engine.data import BEVDataModule, collate_history, pick_device, to_device
 from bevkit.engine.module import with_history
 
 # Loading a sample can fail on bad input in these ways; anything else is a bug and stops the job.
@@ -107,15 +107,6 @@ def _collate(items: list[dict]) -> tuple[dict | None, list[dict]]:
     failed = [it for it in items if "error" in it]
     ok = [it for it in items if "error" not in it]
     return (collate_history(ok) if ok else None), failed
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @torch.inference_mode()

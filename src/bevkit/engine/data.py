@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import lightning as L
 import numpy as np
@@ -128,6 +129,15 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def scene_runs(scenes: list[str]) -> list[tuple[int, int]]:
